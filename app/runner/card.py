@@ -1,0 +1,306 @@
+"""One card, one driver: the thread that owns the runner and serves generations first come, first served.
+
+A single long-lived thread spawns the runner (so PR_SET_PDEATHSIG, which fires when the *thread* that
+forked exits, means "when this worker dies"), takes jobs from a FIFO queue one at a time, restarts the
+runner with capped exponential backoff when it fails, and keeps the state /health reports. A file lock
+under instance/ keeps a second process off the same card.
+"""
+import fcntl
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+from app.runner.command import check_installation, choose_program, prepare_workdir, runner_env
+from app.runner.driver import Runner
+from app.runner.errors import CardBusy, CardDead, RunnerError, RunnerStartError
+from app.runner import protocol
+
+log = logging.getLogger(__name__)
+
+IDLE_CHECK_SECONDS = 1.0
+UNAVAILABLE_AFTER_CRASHES = 3
+
+
+class CardUnavailable(Exception):
+    """The card cannot take work now (start failure, dead card, repeated crashes, shutting down)."""
+
+    def __init__(self, reason, retry_after=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class QueueFull(CardUnavailable):
+    pass
+
+
+class Job:
+    """One generation request: the card thread feeds its events, the request thread reads them."""
+
+    def __init__(self, prompt_ids, max_tokens=None, stop=()):
+        self.prompt_ids = list(prompt_ids)
+        self.max_tokens = max_tokens
+        self.stop = list(stop or ())
+        self.enqueued_at = time.monotonic()
+        self.started_at = None
+        self._events = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+
+    # request thread
+    def cancel(self):
+        self._cancelled.set()
+
+    @property
+    def cancelled(self):
+        return self._cancelled.is_set()
+
+    def next_event(self, timeout=None):
+        """("text", str) | ("done", GenerationResult) | ("error", exception); None when `timeout` passes."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def result(self, timeout=None):
+        """Wait for the end of the job; returns the result or raises its error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            event = self.next_event(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if event is None:
+                raise TimeoutError("the generation did not finish in time")
+            kind, value = event
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise value
+
+    # card thread
+    def _put(self, kind, value):
+        self._events.put((kind, value))
+
+
+class Card:
+    """The runner's supervisor. `submit()` from any thread; everything else happens on the card thread."""
+
+    def __init__(self, tokenizer, service, *, model_dir, binary="auto", workdir, lock_path, sampling=None,
+                 emulator=None, startup_timeout=120.0, stall_timeout=30.0, backoff_initial=0.5,
+                 backoff_max=60.0, max_queue=None):
+        self.tokenizer = tokenizer
+        self.service = service
+        self.model_dir = Path(model_dir)
+        self.program = choose_program(binary, self.model_dir)
+        self.workdir = Path(workdir)
+        self.lock_path = Path(lock_path)
+        self.sampling = dict(sampling or {})
+        self.emulator = dict(emulator or {})
+        self.startup_timeout = startup_timeout
+        self.stall_timeout = stall_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.max_queue = max_queue
+
+        self._queue = queue.Queue()
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._thread = None
+        self._lock_file = None
+        self.runner = None
+        # State for /health and /metrics; written by the card thread only.
+        self.state = "starting"       # starting | loading | ready | unavailable | stopped
+        self.progress = (0, protocol.LOAD_STEPS)
+        self.reason = None            # why the card is unavailable, or the last failure
+        self.restarts = 0             # runner starts after the first one
+        self._started_once = False
+        self.failures = 0             # consecutive failures (start-up or mid-generation)
+        self.busy = False
+        self.retry_at = None
+
+    # -- public ---------------------------------------------------------------------------------------
+    @property
+    def emulated(self):
+        return self.program.emulated
+
+    @property
+    def npu(self):
+        if self.state == "unavailable":
+            return "unavailable"
+        return "emulated" if self.emulated else "available"
+
+    @property
+    def queue_depth(self):
+        return self._queue.qsize()
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="card", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout=30.0):
+        self._stopping.set()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, prompt_ids, max_tokens=None, stop=()):
+        """Queue a generation; raises CardUnavailable at once when the card cannot take it."""
+        if self._stopping.is_set():
+            raise CardUnavailable("the service is shutting down")
+        if self.state == "unavailable":
+            raise CardUnavailable(self.reason or "the card is unavailable", self._retry_after())
+        if self.max_queue is not None and self._queue.qsize() >= self.max_queue:
+            raise QueueFull(f"{self._queue.qsize()} requests are already waiting for the card", 5)
+        job = Job(prompt_ids, max_tokens, stop)
+        self._queue.put(job)
+        return job
+
+    def wait_ready(self, timeout):
+        """For tests and start-up scripts: wait until the runner is at its prompt (or the card gave up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.state in ("ready", "unavailable"):
+                return self.state
+            time.sleep(0.02)
+        return self.state
+
+    # -- card thread ----------------------------------------------------------------------------------
+    def _run(self):
+        try:
+            while not self._stopping.is_set():
+                if self.runner is None:
+                    self._sleep_until_retry()
+                    if self._stopping.is_set():
+                        break
+                    if not self._start_runner():
+                        self._fail_waiting_jobs()
+                        continue
+                try:
+                    job = self._queue.get(timeout=IDLE_CHECK_SECONDS)
+                except queue.Empty:
+                    self._check_idle()
+                    continue
+                if job is None:
+                    break
+                if not job.cancelled:
+                    self._serve(job)
+        finally:
+            self._shutdown()
+
+    def _start_runner(self):
+        self.state = "loading"
+        self.progress = (0, protocol.LOAD_STEPS)
+        try:
+            self._take_lock()
+            if not self.program.emulated:
+                check_installation(self.program, self.model_dir)
+            prepare_workdir(self.workdir, self.sampling)
+            command = self.program.argv_prefix + protocol.vendor_flags(self.model_dir, self.service.url)
+            env = runner_env(self.program, self.emulator, self.tokenizer.folder)
+            log.info("starting the runner: %s", self.program.description)
+            self.runner = Runner(command, self.service, self.workdir, env=env,
+                                 startup_timeout=self.startup_timeout, stall_timeout=self.stall_timeout,
+                                 on_progress=self._on_progress)
+        except RunnerError as exc:
+            self._failed(exc, unavailable=True)
+            return False
+        log.info("runner ready (pid %s, %s)", self.runner.pid, self.program.description)
+        if self._started_once:
+            self.restarts += 1
+        self._started_once = True
+        self.state = "ready"
+        self.reason = None
+        self.retry_at = None
+        return True
+
+    def _on_progress(self, step, total):
+        self.progress = (step, total)
+
+    def _serve(self, job):
+        job.started_at = time.monotonic()
+        self.busy = True
+        try:
+            result = self.runner.generate(job.prompt_ids, max_tokens=job.max_tokens, stop=job.stop,
+                                          on_text=lambda text: job._put("text", text),
+                                          cancelled=lambda: job.cancelled or self._stopping.is_set())
+        except RunnerError as exc:
+            job._put("error", exc)
+            self._drop_runner()
+            self._failed(exc, unavailable=isinstance(exc, CardDead))
+        except Exception as exc:  # a bug of ours: the runner's state is unknown, so restart it
+            log.exception("generation failed")
+            job._put("error", RunnerError(f"internal error: {exc}"))
+            self._drop_runner()
+        else:
+            self.failures = 0
+            job._put("done", result)
+        finally:
+            self.busy = False
+
+    def _check_idle(self):
+        try:
+            self.runner.check_idle()
+        except RunnerError as exc:
+            self._drop_runner()
+            self._failed(exc, unavailable=isinstance(exc, CardDead))
+
+    def _failed(self, exc, unavailable):
+        self.failures += 1
+        self.reason = str(exc)
+        delay = min(self.backoff_initial * 2 ** (self.failures - 1), self.backoff_max)
+        self.retry_at = time.monotonic() + delay
+        if unavailable or self.failures >= UNAVAILABLE_AFTER_CRASHES:
+            self.state = "unavailable"
+        log.error("%s (failure %d in a row; next start in %.1f s)", exc, self.failures, delay)
+
+    def _drop_runner(self):
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+
+    def _retry_after(self):
+        if self.retry_at is None:
+            return None
+        return max(1, int(self.retry_at - time.monotonic() + 0.999))
+
+    def _sleep_until_retry(self):
+        while not self._stopping.is_set() and self.retry_at is not None and time.monotonic() < self.retry_at:
+            self._stopping.wait(min(0.2, self.retry_at - time.monotonic()))
+
+    def _fail_waiting_jobs(self, reason=None):
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job._put("error", CardUnavailable(reason or self.reason or "the card is unavailable",
+                                                  self._retry_after()))
+
+    def _take_lock(self):
+        if self._lock_file is not None:
+            return
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = open(self.lock_path, "a+")
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown"
+            lock_file.close()
+            raise CardBusy(f"another process (pid {holder}) is driving the card: {self.lock_path} is locked; "
+                           "one card takes one qwen-chat process") from None
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(f"{os.getpid()}\n")
+        lock_file.flush()
+        self._lock_file = lock_file
+
+    def _shutdown(self):
+        self._drop_runner()
+        self._fail_waiting_jobs("the service is shutting down")
+        self.state = "stopped"
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None

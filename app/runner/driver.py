@@ -1,0 +1,443 @@
+"""Drive main_axcl (or its emulation) through pexpect: one class, one verb.
+
+`Runner(...)` spawns the runner under a pty and waits for its prompt; `Runner.generate(...)` runs one
+prompt and returns its result. The design follows PROTOCOL.md's traps:
+
+- The prompt never goes to stdin: the tokenizer service registers it and we write one short handle line.
+- The end of a generation is found only as the `hit eos` notice followed by `>> `, and only where every
+  byte before it is text the tokenizer service answered to /decode (the runner prints exactly those
+  answers). So model text containing `>> `, blank lines or `hit eos` comes back byte-exact.
+- Output ids come from the /decode calls, so `max_tokens` is exact: SIGINT once enough ids exist, and the
+  ids and text past the limit are dropped.
+- Only new bytes are scanned (no regex over an ever-growing buffer), at fixed positions.
+- The pty translates nothing (ONLCR off, echo off) and the runner dies with its parent (PR_SET_PDEATHSIG,
+  armed from the long-lived thread that spawns it; see card.py).
+"""
+import ctypes
+import errno
+import logging
+import os
+import signal
+import termios
+import time
+from dataclasses import dataclass, field
+
+import pexpect
+
+from app.runner import protocol
+from app.runner.errors import CardDead, RunnerDied, RunnerStalled, RunnerStartError
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05          # how often a quiet generation checks for cancellation and stalls
+PREFILL_SECONDS_PER_TOKEN = 0.25  # prompt tokens are fed one per step (~70 ms on the card); allow 3.5x that
+CLOSE_GRACE_SECONDS = 5.0
+READ_SIZE = 65536
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    ids: list
+    finish_reason: str            # "stop" (eos or a stop string), "length" (max_tokens or window), "cancelled"
+    prompt_tokens: int
+    prompt_seconds: float = 0.0   # handle written -> first output id (time to first token)
+    generation_seconds: float = 0.0  # first output id -> end
+    total_seconds: float = 0.0
+    stop_sequence: str | None = None
+
+    @property
+    def completion_tokens(self):
+        return len(self.ids)
+
+    @property
+    def tokens_per_second(self):
+        if len(self.ids) > 1 and self.generation_seconds > 0:
+            return (len(self.ids) - 1) / self.generation_seconds
+        return 0.0
+
+
+@dataclass
+class _Limits:
+    """What ends a generation early, and why it ended when it did."""
+    max_tokens: int | None
+    stops: list
+    reason: str | None = None     # set when we interrupt: "length", "stop" or "cancelled"
+    stop_sequence: str | None = None
+    cut_text_at: int | None = None
+    cut_ids_at: int | None = None
+
+
+@dataclass
+class _Output:
+    """Text and ids taken so far from the runner's live output, within the limits."""
+    decoder: object
+    ids: list = field(default_factory=list)    # ids kept for the result
+    text: str = ""
+    id_text_end: list = field(default_factory=list)  # len(text) once each kept id was decoded
+    emitted: int = 0                           # chars of text passed to on_text
+    truncated: bool = False                    # ids were dropped at max_tokens
+    first_id_at: float | None = None
+
+
+def _child_setup(parent_pid, fd_in=0):
+    """Runs in the forked child before exec: die with the parent, raw output, default signals."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent_pid:  # the parent died before the guard was armed
+        os._exit(1)
+    # Keep the runner's bytes as they are: no "\n" -> "\r\n" on output.
+    attrs = termios.tcgetattr(fd_in)
+    attrs[1] &= ~termios.ONLCR
+    termios.tcsetattr(fd_in, termios.TCSANOW, attrs)
+    # Python ignores SIGPIPE, and ignored signals survive exec; the runner gets the defaults.
+    for sig in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+class Runner:
+    """A running main_axcl at its `>> ` prompt."""
+
+    def __init__(self, command, service, cwd, env=None, startup_timeout=120.0, stall_timeout=30.0,
+                 on_progress=None):
+        self.command = list(command)
+        self.service = service
+        self.stall_timeout = stall_timeout
+        self.usable = False
+        self._leftover = bytearray()   # bytes read after a prompt, before the next generation
+        try:
+            self.child = pexpect.spawn(
+                self.command[0], self.command[1:], cwd=str(cwd), env=env, echo=False, encoding=None,
+                timeout=None, use_poll=True, dimensions=(24, 4000),
+                preexec_fn=lambda parent=os.getpid(): _child_setup(parent))
+        except pexpect.ExceptionPexpect as exc:
+            raise RunnerStartError(f"cannot start the runner {self.command[0]}: {exc}") from None
+        except OSError as exc:
+            raise RunnerStartError(f"cannot start the runner {self.command[0]}: {exc.strerror or exc}") from None
+        self.child.delaybeforesend = None  # pexpect sleeps 50 ms before every send by default
+        self.pid = self.child.pid
+        try:
+            self._wait_until_ready(startup_timeout, on_progress)
+        except BaseException:
+            self.close()
+            raise
+        self.usable = True
+
+    # -- start-up -------------------------------------------------------------------------------------
+    def _wait_until_ready(self, timeout, on_progress):
+        deadline = time.monotonic() + timeout
+        seen = bytearray()
+        scanned = 0  # progress steps before this offset have been reported
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RunnerStartError(
+                    f"the runner did not finish loading within {timeout:g} s{self._last_words(seen)}")
+            try:
+                seen += self.child.read_nonblocking(READ_SIZE, timeout=min(remaining, 1.0))
+            except pexpect.TIMEOUT:
+                continue
+            except pexpect.EOF:
+                raise RunnerStartError(self._start_failure(seen)) from None
+            # Progress bar steps ("| 12 /  31 ["), reported as they complete; each is scanned once.
+            for match in protocol.PROGRESS_RE.finditer(seen, scanned):
+                scanned = match.end()
+                if on_progress is not None:
+                    on_progress(int(match.group(1)), int(match.group(2)))
+            if protocol.DEAD_CARD_RE.search(seen):
+                raise CardDead(f"the card is dead: {self._first_line(protocol.DEAD_CARD_RE, seen)}")
+            ready = seen.find(protocol.READY_PROMPT)
+            if ready >= 0 and protocol.INIT_OK in seen:
+                self._leftover = seen[ready + len(protocol.READY_PROMPT):]
+                return
+
+    def _start_failure(self, seen):
+        status = self._exit_status()
+        errors = [m.group(1).decode("utf-8", "replace").strip() for m in protocol.ERROR_LINE_RE.finditer(seen)]
+        errors += [line.decode("utf-8", "replace").strip() for line in seen.splitlines()
+                   if b"errno" in line or b"Operation not permitted" in line]
+        if errors:
+            return f"the runner failed to start ({status}): " + "; ".join(dict.fromkeys(errors))
+        return f"the runner exited during start-up ({status}){self._last_words(seen)}"
+
+    @staticmethod
+    def _first_line(pattern, data):
+        match = pattern.search(data)
+        start = data.rfind(b"\n", 0, match.start()) + 1
+        end = data.find(b"\n", match.end())
+        return data[start:end if end >= 0 else None].decode("utf-8", "replace").strip()
+
+    @staticmethod
+    def _last_words(seen):
+        tail = bytes(seen[-300:]).decode("utf-8", "replace")
+        tail = "".join(ch for ch in tail if ch.isprintable() or ch == "\n").strip().splitlines()
+        return f"; last output: {tail[-1]!r}" if tail else ""
+
+    def _exit_status(self, wait_seconds=2.0):
+        """How the runner ended, for messages; waits briefly for it to be reapable."""
+        deadline = time.monotonic() + wait_seconds
+        while self.child.isalive():
+            if time.monotonic() > deadline:
+                return "still running, output closed"
+            time.sleep(0.01)
+        if self.child.signalstatus is not None:
+            return f"killed by signal {self.child.signalstatus}"
+        return f"exit status {self.child.exitstatus}"
+
+    # -- the verb -------------------------------------------------------------------------------------
+    def generate(self, prompt_ids, max_tokens=None, stop=(), on_text=None, cancelled=None):
+        """Run one prompt. Returns a GenerationResult; raises a RunnerError if the runner fails.
+
+        `max_tokens` caps the output ids (None: the window decides); `stop` holds up to 4 strings that end
+        the text before their first match; `on_text(str)` receives the text as it is printed (never past a
+        stop string or the limit, so the pieces join to the result's text); `cancelled()` is polled, and
+        when it turns true the runner is interrupted and freed and the result says "cancelled".
+        """
+        if not self.usable:
+            raise RunnerDied("the runner is not usable after an earlier failure")
+        self.usable = False  # until this generation ends cleanly
+        limits = _Limits(max_tokens, [s for s in stop if s])
+        output = _Output(self.service.tokenizer.incremental_decoder())
+        generation = self.service.register(prompt_ids)
+        started = time.monotonic()
+        try:
+            self.child.send(generation.handle.encode("ascii") + b"\n")
+            end = self._stream(generation, limits, output, on_text, cancelled, started)
+        finally:
+            self.service.forget(generation)
+        result = self._finish(generation, limits, output, on_text, started, end)
+        self.usable = True
+        return result
+
+    def _stream(self, generation, limits, output, on_text, cancelled, started):
+        """Read the runner until the end marker; returns the monotonic time it ended."""
+        buf = self._leftover
+        self._leftover = bytearray()
+        taken = 0               # /decode calls accounted for
+        calls_seen = 0
+        last_activity = started
+        prefill_allowance = len(generation.prompt_ids) * PREFILL_SECONDS_PER_TOKEN
+        while True:
+            pos, taken, state = self._account(buf, generation, taken, limits, output, on_text)
+            if state == "ended":
+                return time.monotonic()
+            del buf[:pos]  # only bytes not yet accounted for are kept, and scanned again
+            if state == "unknown" and protocol.DEAD_CARD_RE.search(buf):
+                raise CardDead(f"the card is dead: {self._first_line(protocol.DEAD_CARD_RE, buf)}")
+
+            # Interrupt when a limit is reached or the client has gone.
+            if limits.reason is None and cancelled is not None and cancelled():
+                self._interrupt(limits, "cancelled")
+            if limits.reason is None and limits.max_tokens is not None and len(output.ids) >= limits.max_tokens:
+                self._interrupt(limits, "length")
+
+            # Wait for more output, within the stall timeout (generous while the prompt is fed).
+            now = time.monotonic()
+            total_calls = len(generation.calls(0))
+            if total_calls != calls_seen:
+                calls_seen, last_activity = total_calls, now
+            allowance = self.stall_timeout + (prefill_allowance if output.first_id_at is None else 0)
+            if now - last_activity > allowance:
+                raise RunnerStalled(f"the runner printed nothing for {now - last_activity:.0f} s while generating")
+            try:
+                buf += self.child.read_nonblocking(READ_SIZE, timeout=POLL_SECONDS)
+                last_activity = time.monotonic()
+            except pexpect.TIMEOUT:
+                pass
+            except pexpect.EOF:
+                if protocol.DEAD_CARD_RE.search(buf):
+                    raise CardDead(f"the card is dead: {self._first_line(protocol.DEAD_CARD_RE, buf)}") from None
+                raise RunnerDied(f"the runner exited while generating ({self._exit_status()})"
+                                 f"{self._last_words(buf)}") from None
+
+    def _account(self, buf, generation, taken, limits, output, on_text):
+        """Match the bytes in `buf` against the answered /decode calls, in order.
+
+        Returns (bytes accounted for, calls accounted for, state): "ended" once the end marker is
+        matched, "partial" while a chunk is still arriving or an empty answer is undecided, "unknown"
+        when bytes that are neither text nor a known line wait there (a dead card's report, say).
+        """
+        pos = 0
+        while True:
+            calls = generation.calls(taken)
+            if calls and calls[0].maybe_final:
+                # The runner's last /decode comes after the notice: if the marker is here, that was it.
+                if protocol.END_RE.match(buf, pos):
+                    return self._ended(buf, pos), taken, "ended"
+                if not calls[0].printed and len(calls) == 1:
+                    return pos, taken, "partial"  # live or final? the next call or the marker will say
+            elif not calls and protocol.END_RE.match(buf, pos):
+                return self._ended(buf, pos), taken, "ended"
+            if calls:
+                printed = calls[0].printed.encode("utf-8")
+                if buf.startswith(printed, pos):
+                    pos += len(printed)
+                    taken += 1
+                    self._take(calls[0].ids, limits, output, on_text, time.monotonic())
+                    continue
+                if printed.startswith(bytes(buf[pos:])):
+                    return pos, taken, "partial"
+            line_end = self._stray_line_end(buf, pos)
+            if line_end is None:
+                return pos, taken, ("unknown" if pos < len(buf) else "partial")
+            pos = line_end
+
+    def _ended(self, buf, pos):
+        match = protocol.END_RE.match(buf, pos)
+        self._leftover = buf[match.end():]
+        return match.end()
+
+    @staticmethod
+    def _stray_line_end(buf, pos):
+        """End of a whole log line the runner printed on its own at `pos` (never text, never the notice)."""
+        for pattern in (protocol.VENDOR_LOG_RE, protocol.RUNTIME_LOG_RE):
+            match = pattern.match(buf, pos)
+            if match:
+                line = bytes(match.group(0))
+                if protocol.DEAD_CARD_RE.search(line):
+                    raise CardDead("the card is dead: " + line.decode("utf-8", "replace").strip())
+                log.warning("runner: %s", line.decode("utf-8", "replace").strip())
+                return match.end()
+        return None
+
+    def _take(self, ids, limits, output, on_text, now, interrupt=True):
+        """Account for ids the runner printed: decode them one by one within the limits, emit the text."""
+        if output.first_id_at is None and ids:
+            output.first_id_at = now
+        if limits.reason is not None:
+            return  # interrupted: what still arrives is past the limit
+        for token_id in ids:
+            if limits.max_tokens is not None and len(output.ids) >= limits.max_tokens:
+                output.truncated = True
+                break
+            output.ids.append(token_id)
+            output.text += output.decoder.push([token_id])
+            output.id_text_end.append(len(output.text))
+        self._apply_stops(limits, output, interrupt)
+        self._emit(limits, output, on_text, final=False)
+
+    def _apply_stops(self, limits, output, interrupt):
+        if not limits.stops or limits.cut_text_at is not None:
+            return
+        # A match can only end in text added since the last emit, so start looking just before it.
+        start = max(0, output.emitted - max(len(s) for s in limits.stops))
+        found = min(((at, s) for s in limits.stops if (at := output.text.find(s, start)) >= 0), default=None)
+        if found is None:
+            return
+        limits.cut_text_at, limits.stop_sequence = found
+        # Count the ids up to the one that completed the stop string, as OpenAI and vLLM count them.
+        end = found[0] + len(found[1])
+        limits.cut_ids_at = next(i + 1 for i, e in enumerate(output.id_text_end) if e >= end)
+        if interrupt and limits.reason is None:
+            self._interrupt(limits, "stop")
+
+    def _emit(self, limits, output, on_text, final):
+        """Pass on the text that is settled: never past a stop string, never a possible stop prefix."""
+        end = len(output.text) if limits.cut_text_at is None else limits.cut_text_at
+        if not final and limits.cut_text_at is None and limits.stops:
+            end -= self._possible_stop_prefix(output.text, limits.stops)
+        if end > output.emitted:
+            piece = output.text[output.emitted:end]
+            output.emitted = end
+            if on_text is not None:
+                on_text(piece)
+
+    @staticmethod
+    def _possible_stop_prefix(text, stops):
+        """Length of the longest tail of `text` that could begin a stop string."""
+        best = 0
+        for stop_string in stops:
+            for n in range(min(len(stop_string) - 1, len(text)), best, -1):
+                if text.endswith(stop_string[:n]):
+                    best = n
+                    break
+        return best
+
+    def _interrupt(self, limits, reason):
+        limits.reason = reason
+        try:
+            self.child.sendintr()  # ^C on the pty: SIGINT to the runner's foreground process group
+        except OSError as exc:
+            if exc.errno not in (errno.EIO, errno.EBADF):
+                raise
+
+    def _finish(self, generation, limits, output, on_text, started, ended):
+        calls = generation.calls()
+        # The runner's last /decode carries all output ids, including the 1-2 it never printed when the
+        # window ended it. Keep them (within the limits) so the result holds every output id.
+        if calls and calls[-1].maybe_final and limits.reason is None:
+            self._take(calls[-1].ids[len(output.ids):], limits, output, on_text, ended, interrupt=False)
+        output.text += output.decoder.finish()
+        self._apply_stops(limits, output, interrupt=False)
+        window = protocol.MAX_TOKEN_LEN + 1 - len(generation.prompt_ids)
+        if limits.reason == "cancelled":
+            reason = "cancelled"
+        elif limits.cut_text_at is not None:
+            output.text = output.text[:limits.cut_text_at]
+            output.ids = output.ids[:limits.cut_ids_at]
+            reason = "stop"
+        elif limits.reason == "length" or output.truncated or len(output.ids) >= window:
+            reason = "length"
+        else:
+            reason = "stop"  # the model's end of turn
+        self._emit(limits, output, on_text, final=True)
+        first = output.first_id_at or ended
+        return GenerationResult(
+            text=output.text, ids=list(output.ids), finish_reason=reason,
+            prompt_tokens=len(generation.prompt_ids), prompt_seconds=first - started,
+            generation_seconds=ended - first, total_seconds=ended - started,
+            stop_sequence=limits.stop_sequence if reason == "stop" else None)
+
+    # -- idle and shutdown ----------------------------------------------------------------------------
+    def check_idle(self, timeout=0.0):
+        """Between generations: raise if the runner died or reported the card dead while waiting."""
+        if not self.usable:
+            raise RunnerDied("the runner is not usable after an earlier failure")
+        try:
+            self._leftover += self.child.read_nonblocking(READ_SIZE, timeout=timeout)
+        except pexpect.TIMEOUT:
+            return
+        except pexpect.EOF:
+            self.usable = False
+            raise RunnerDied(f"the runner exited while idle ({self._exit_status()})") from None
+        if protocol.DEAD_CARD_RE.search(self._leftover):
+            self.usable = False
+            raise CardDead(f"the card is dead: {self._first_line(protocol.DEAD_CARD_RE, self._leftover)}")
+
+    def close(self):
+        """`q`, then SIGTERM and SIGKILL to the runner's process group; always reaps it."""
+        self.usable = False
+        child = self.child
+        if child.isalive():
+            try:
+                child.send(b"q\n")
+            except OSError:
+                pass
+            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+                if sig is not None:
+                    try:
+                        os.killpg(child.pid, sig)
+                    except ProcessLookupError:
+                        break
+                if self._exited_within(CLOSE_GRACE_SECONDS if sig != signal.SIGKILL else 10.0):
+                    break
+        try:
+            child.close(force=True)
+        except pexpect.ExceptionPexpect:
+            pass
+
+    def _exited_within(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                self.child.read_nonblocking(READ_SIZE, timeout=0.1)
+            except pexpect.TIMEOUT:
+                pass
+            except (pexpect.EOF, OSError):
+                pass
+            if not self.child.isalive():
+                return True
+        return False

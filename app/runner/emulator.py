@@ -1,0 +1,452 @@
+"""An emulated main_axcl: the vendor runner's stdio and tokenizer calls, without the card.
+
+    python -m app.runner.emulator <the vendor's flags>
+
+It behaves like the real binary as PROTOCOL.md describes it: the same flags (unknown ones rejected), the
+same bytes on stdout (banner, colours, progress bar, `>> `, the `hit eos` notice), the same HTTP calls to
+the tokenizer service (`/bos_id` and `/eos_id` at start, `/encode` per input line, `/decode` every 3 ids and
+once more with all ids), the same stop rules (eos, the 1024-token window, SIGINT checked once per step),
+`q` to quit, and the spin on end of input (it sleeps between prompts rather than burning a core). SIGHUP is
+ignored, as the trap in PROTOCOL.md requires: only a signal that kills stops a runner whose parent is gone.
+
+Its answer is deterministic and derived from the conversation it was given:
+- it says it is the emulated runner and quotes the last user turn (for a prompt without chat markup, the
+  prompt itself), so every client can tell its answer from another's;
+- when that turn contains "count to N" (N up to 100000), it goes on with "1, 2, ..., N." (long answers for
+  max_tokens and window tests);
+- when the system turn offers tools and the last user turn says "call <name>" (or asks for "the weather in
+  <place>" and a tool of that name exists, see `tool_reply`), it answers with a <tool_call> block instead.
+
+Environment (the driver sets these from the config's `runner.emulator` section):
+  QWEN_EMULATOR_TOKEN_MS    milliseconds per step, prompt and output tokens alike (default 70, like the card)
+  QWEN_EMULATOR_LOAD_MS     milliseconds per loading step, 31 steps (default 0; `slow_start` uses 300)
+  QWEN_EMULATOR_FAULT       crash[:N] | hang[:N] | dead[:N] | slow_start | start_fail | no_permission
+                            crash: after N output ids (default 4) print the dead-card text and exit 1
+                            hang: after N output ids go silent, ignoring SIGINT, until killed
+                            dead: print the dead-card text after N output ids, then hang
+                            start_fail / no_permission: the [E] lines of a card that cannot be opened
+  QWEN_EMULATOR_FAULT_FILE  a file whose content, when present and not empty, overrides QWEN_EMULATOR_FAULT;
+                            read at start and at every prompt (tests use it as a card that dies and recovers)
+  QWEN_EMULATOR_TOKENIZER   folder holding tokenizer.json (default: the model folder's, else instance/'s)
+  QWEN_EMULATOR_TRACE       file to append "start|end <unix time>" lines to, one pair per generation, with a
+                            "decode <seconds>" line per /decode round trip in between (benchmarks read it)
+"""
+import http.client
+import json
+import os
+import re
+import signal
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+from app.runner import protocol
+
+BUILD_TIME = b"build time: Feb 13 2025 15:44:57\n"
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+
+class Stop(Exception):
+    """End the process with this exit status."""
+
+    def __init__(self, status):
+        super().__init__(status)
+        self.status = status
+
+
+def out(data):
+    """Write to stdout unbuffered, like the vendor's printf + fflush; a vanished terminal is not our problem."""
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(1, view)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        view = view[written:]
+
+
+def runtime_log(level, where, message):
+    """A line in the AXCL runtime's own format (the dead-card report uses it)."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()) + f".{int(time.time() * 1000) % 1000:03d}"
+    return f"[{stamp}][{os.getpid()}][{level}]{where}: {message}\n".encode()
+
+
+# -- command line --------------------------------------------------------------------------------------
+def usage():
+    lines = ["usage: main_axcl --prompt=string [options] ... ", "options:"]
+    lines += [f"      --{name:<28} (string)" for name in protocol.FLAGS]
+    lines.append("  -?, --help                          print this message")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+    """`--name value` or `--name=value`, vendor flags only; --prompt is required."""
+    opts = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-?", "--help"):
+            sys.stderr.write(usage())
+            raise Stop(0)
+        if arg == "-p":
+            arg = "--prompt"
+        if not arg.startswith("--"):
+            raise ValueError(f"unknown option: {arg}")
+        name, eq, value = arg[2:].partition("=")
+        if name not in protocol.FLAGS:
+            raise ValueError(f"undefined option: --{name}")
+        if not eq:
+            i += 1
+            if i >= len(argv):
+                raise ValueError(f"option needs value: --{name}")
+            value = argv[i]
+        opts[name] = value
+        i += 1
+    if "prompt" not in opts:
+        raise ValueError("option needs value: --prompt")
+    return opts
+
+
+# -- the tokenizer service, as the runner's HTTP client ------------------------------------------------
+class TokenizerClient:
+    """Keeps one connection, with the vendor's 1 s timeouts."""
+
+    def __init__(self, base_url):
+        parsed = urllib.parse.urlsplit(base_url)
+        if parsed.scheme != "http" or not parsed.hostname:
+            raise ValueError(f"tokenizer URL must be http://host:port, got {base_url!r}")
+        self.host, self.port = parsed.hostname, parsed.port or 80
+        self.conn = None
+
+    def call(self, method, path, body=None):
+        for attempt in (1, 2):  # a kept-alive connection the server closed is reopened once
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=1.0)
+            try:
+                payload = None if body is None else json.dumps(body).encode()
+                headers = {"Content-Type": "application/json"} if payload is not None else {}
+                self.conn.request(method, path, body=payload, headers=headers)
+                response = self.conn.getresponse()
+                data = response.read()
+                if response.status != 200:
+                    raise OSError(f"HTTP {response.status}")
+                return json.loads(data)
+            except (OSError, http.client.HTTPException, ValueError):
+                self.conn.close()
+                self.conn = None
+                if attempt == 2:
+                    raise
+
+
+# -- the reply -----------------------------------------------------------------------------------------
+TURN_RE = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>", re.S)
+COUNT_RE = re.compile(r"count to (\d{1,6})", re.I)
+TOOL_NAME_RE = re.compile(r'\{"type": "function", "function": \{"name": "([^"]+)"')
+CALL_RE = re.compile(r"\bcall (?:the )?(?:tool |function )?`?([A-Za-z_][\w.-]*)`?(?:\s+with\s+(\{.*\}))?", re.S)
+WEATHER_RE = re.compile(r"weather in ([\w .'-]+?)(?:\s+and\s+(?:in\s+)?([\w .'-]+?))?\s*[?.!]*$", re.I)
+
+
+def conversation(prompt_text):
+    """(system turn, last user turn) of a rendered chat; a raw prompt is its own last user turn."""
+    turns = TURN_RE.findall(prompt_text)
+    if not turns:
+        return "", prompt_text
+    system = next((content for role, content in turns if role == "system"), "")
+    users = [content for role, content in turns if role == "user"]
+    last_user = users[-1] if users else ""
+    # A tool result as the last turn: the model answers from it (see tool_reply).
+    return system, last_user
+
+
+def tool_reply(system, last_user):
+    """A <tool_call> answer when tools are offered and the user plainly asks for one; else None.
+
+    "call NAME" (optionally "with {json}") calls NAME; "the weather in X" calls a tool named get_weather or
+    get_current_weather once per place (two places, two parallel calls). A last turn that is a tool
+    response gets a plain answer quoting it, as the model would use the result.
+    """
+    tools = TOOL_NAME_RE.findall(system)
+    if not tools or "<tool_response>" in last_user:
+        return None
+    calls = []
+    match = CALL_RE.search(last_user)
+    if match and match.group(1) in tools:
+        args = match.group(2) or "{}"
+        calls.append((match.group(1), args))
+    else:
+        weather = WEATHER_RE.search(last_user)
+        name = next((t for t in ("get_weather", "get_current_weather") if t in tools), None)
+        if weather and name:
+            for place in filter(None, weather.groups()):
+                calls.append((name, json.dumps({"location": place.strip()})))
+    if not calls:
+        return None
+    return "\n".join(f'<tool_call>\n{{"name": "{name}", "arguments": {args}}}\n</tool_call>' for name, args in calls)
+
+
+def reply_text(prompt_text):
+    system, last_user = conversation(prompt_text)
+    tool_call = tool_reply(system, last_user)
+    if tool_call is not None:
+        return tool_call
+    if "<tool_response>" in last_user:
+        result = last_user.split("<tool_response>\n", 1)[1].split("\n</tool_response>", 1)[0]
+        return f'Emulated runner: the tool answered "{result}".'
+    text = f'Emulated runner (no NPU card here). You said: "{last_user}"'
+    count = COUNT_RE.search(last_user)
+    if count:
+        text += " " + ", ".join(str(i) for i in range(1, int(count.group(1)) + 1)) + "."
+    return text
+
+
+def load_tokenizer(opts):
+    """tokenizers' Tokenizer for the emulator's own replies (the runner itself has none: it asks over HTTP)."""
+    from tokenizers import Tokenizer
+
+    folder = os.environ.get("QWEN_EMULATOR_TOKENIZER")
+    candidates = [Path(folder)] if folder else []
+    axmodel = opts.get("template_filename_axmodel", "")
+    if axmodel:
+        candidates.append(Path(axmodel).parent.parent / "qwen2.5_tokenizer")
+    candidates.append(PROJECT_DIR / "instance" / "qwen2.5_tokenizer")
+    for candidate in candidates:
+        if (candidate / "tokenizer.json").is_file():
+            return Tokenizer.from_file(str(candidate / "tokenizer.json"))
+    raise FileNotFoundError("no tokenizer.json in " + ", ".join(map(str, candidates)))
+
+
+# -- faults --------------------------------------------------------------------------------------------
+def current_fault():
+    """(name, after) from the fault file if it says something, else from the environment."""
+    spec = os.environ.get("QWEN_EMULATOR_FAULT", "")
+    path = os.environ.get("QWEN_EMULATOR_FAULT_FILE")
+    if path:
+        try:
+            spec = Path(path).read_text().strip() or spec
+        except OSError:
+            pass
+    name, _, after = spec.strip().partition(":")
+    return name, int(after) if after.isdigit() else 4
+
+
+def dead_card_report():
+    report = runtime_log("W", "[device manager][listen][292]", "device 1 is dead")
+    report += runtime_log("C", "[device][print][18]", "allocated device memories: 3")
+    for addr, size in ((0x162915000, 0x4A300), (0x162914000, 0xC00), (0x1627AD000, 0xC00)):
+        report += runtime_log("C", "[device][print][20]", f"[{addr:#x}] : {size:#x} bytes")
+    return report
+
+
+def hang_forever():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        time.sleep(3600)
+
+
+# -- the runner ----------------------------------------------------------------------------------------
+class Emulator:
+    def __init__(self, opts):
+        self.opts = opts
+        self.token_s = float(os.environ.get("QWEN_EMULATOR_TOKEN_MS", "70")) / 1000.0
+        self.trace = os.environ.get("QWEN_EMULATOR_TRACE")
+        self.live_print = opts.get("live_print", "0") == "1"
+        self.interrupted = False
+        self.client = TokenizerClient(opts.get("filename_tokenizer_model", ""))
+        self.tokenizer = None
+        self.eos_id = protocol.EOS_ID
+
+    def on_sigint(self, signum, frame):
+        self.interrupted = True
+
+    def step(self):
+        if self.token_s > 0:
+            time.sleep(self.token_s)
+
+    # start-up ---------------------------------------------------------------------------------------
+    def init(self):
+        out(BUILD_TIME)
+        out(protocol.log_line("I", "Init", 111, "LLM init start"))
+        fault, _ = current_fault()
+        if fault in ("start_fail", "no_permission"):
+            if fault == "start_fail":
+                out(protocol.log_line("E", "axcl_init", 30, "Set AXCL device failed{0x80300186}"))
+            else:
+                out(runtime_log("E", "[device][open][113]", "request ports from device 1 fail, errno: 1 "
+                                "Operation not permitted"))
+            out(protocol.log_line("E", "Init", 117, "axcl init failed"))
+            raise Stop(1)
+        try:
+            bos = self.client.call("GET", "/bos_id")["bos_id"]
+            self.eos_id = self.client.call("GET", "/eos_id")["eos_id"]
+        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+            out(protocol.log_line("E", "Init", 131, "tokenizer init failed"))
+            raise Stop(1)
+        out(f"bos_id: {bos}, eos_id: {self.eos_id}\n".encode())
+        try:
+            self.tokenizer = load_tokenizer(self.opts)
+        except (OSError, ValueError, Exception) as exc:  # tokenizers raises its own Exception type
+            out(protocol.log_line("E", "Init", 140, f"emulator: cannot load a tokenizer: {exc}"))
+            raise Stop(1)
+        default_load_ms = "300" if fault == "slow_start" else "0"
+        load_s = float(os.environ.get("QWEN_EMULATOR_LOAD_MS", default_load_ms)) / 1000.0
+        self.progress(load_s)
+        out(protocol.log_line("I", "Init", 226, f"max_token_len : {protocol.MAX_TOKEN_LEN}"))
+        out(protocol.log_line("I", "Init", 231, "kv_cache_size : 256, kv_cache_num: 1024"))
+        self.load_config()
+        out(protocol.log_line("I", "Init", 288, "LLM init ok"))
+        out(protocol.READY_PROMPT[:-len(protocol.PROMPT)])
+
+    def progress(self, load_s):
+        """The 31-step loading bar, byte for byte as the vendor's cqdm prints it."""
+        names = ["tokenizer init ok", "embed_selector init ok"]
+        names += [f"init {i} axmodel ok,remain_cmm(-1 MB)" for i in range(protocol.LAYERS)]
+        names.append("init post axmodel ok")
+        total = len(names)
+        started = time.monotonic()
+        out(b"\x1b[1;30;33m")
+        for i, name in enumerate(names, start=1):
+            if i > 1 and load_s > 0:
+                time.sleep(load_s)
+            elapsed = time.monotonic() - started
+            rate = i / max(elapsed, 0.002)
+            blocks = min(i + 1, 32)
+            spaces = 34 - blocks if i < total else 1
+            line = (f"\n{i * 100 // total:3d}% | {'█' * blocks}{' ' * spaces}| {i:3d} / {total:3d} "
+                    f"[{elapsed:.2f}s<{elapsed / i * total:.2f}s, {rate:.2f} count/s] ")
+            tail = "\x1b[1;30;32m" + name + ("\x1b[0m\x1b[1;30;33m" if i < total else "\n\x1b[0m")
+            out((line + tail).encode())
+
+    def load_config(self):
+        try:
+            config = json.loads(Path("post_config.json").read_text())
+        except (OSError, ValueError):
+            out(protocol.log_line("W", "load_config", 273, "load post_config.json failed"))
+            return
+        dump = json.dumps(config, indent=4, sort_keys=True)
+        out(protocol.log_line("I", "load_config", 282, f"load config: \n{dump}\n"))
+
+    # one generation ---------------------------------------------------------------------------------
+    def decode(self, ids):
+        """/decode as the vendor calls it: one retry after 1 s, then the empty string."""
+        for attempt in (1, 2):
+            try:
+                sent = time.perf_counter()
+                text = self.client.call("POST", "/decode", {"token_ids": ids})["text"]
+                self.record(f"decode {time.perf_counter() - sent:.6f}")
+                return text
+            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+                out(protocol.log_line("E", "Decode", 76, "decode request failed"))
+                if attempt == 1:
+                    time.sleep(1.0)
+        return ""
+
+    def run(self, line):
+        self.interrupted = False  # the vendor clears its stop flag at the start of every Run()
+        try:
+            prompt_ids = self.client.call("POST", "/encode", {"text": line})["token_ids"]
+        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+            out(protocol.log_line("E", "Encode", 61, "encode request failed"))
+            raise Stop(1)  # PROTOCOL.md: a failed /encode is not retried and can crash the runner
+        self.record(f"start {time.time():.6f}")
+        fault, fault_after = current_fault()
+        started = time.monotonic()
+        prompt_len = len(prompt_ids)
+        budget = protocol.MAX_TOKEN_LEN + 1 - prompt_len  # output ids the window leaves room for
+        outputs, cached = [], []
+
+        # The prompt is fed one token per step (this build has no batched prefill).
+        for _ in range(min(prompt_len, protocol.MAX_TOKEN_LEN)):
+            if self.interrupted:
+                break
+            self.step()
+        if budget > 0 and not self.interrupted:
+            text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+            reply = self.tokenizer.encode(reply_text(text), add_special_tokens=False).ids + [self.eos_id]
+            for token in reply:
+                if token == self.eos_id:
+                    if cached and self.live_print:
+                        out(self.decode(cached).encode())
+                    break
+                outputs.append(token)
+                cached.append(token)
+                if len(outputs) == fault_after and fault in ("crash", "hang", "dead"):
+                    self.fault(fault)
+                if len(cached) >= 3 and self.live_print:
+                    out(self.decode(cached).encode())
+                    cached = []
+                if len(outputs) >= budget or self.interrupted:
+                    break
+                self.step()  # the next step feeds this token and samples the next one
+                if self.interrupted:
+                    break
+        elapsed = max(time.monotonic() - started, 1e-6)
+        out(protocol.end_notice((prompt_len + len(outputs)) / elapsed))
+        final = self.decode(outputs)
+        if not self.live_print:
+            out(final.encode() + b"\n")
+        self.record(f"end {time.time():.6f}")
+
+    def record(self, line):
+        if self.trace:
+            with open(self.trace, "a") as f:
+                f.write(line + "\n")
+
+    def fault(self, name):
+        if name in ("crash", "dead"):
+            out(dead_card_report())
+        if name == "crash":
+            raise Stop(1)
+        hang_forever()
+
+    # the loop ---------------------------------------------------------------------------------------
+    def serve(self):
+        prompt = self.opts.get("prompt", "")
+        if prompt:
+            self.run(prompt)
+        if self.opts.get("continue", "0") != "1":
+            raise Stop(0)
+        stdin = sys.stdin.buffer
+        while True:
+            out(protocol.PROMPT)
+            raw = stdin.readline()
+            if not raw:
+                # std::getline failing at end of input: the vendor loop prints ">> " forever. We sleep
+                # between prompts instead of spinning a core, but hold on just as stubbornly.
+                while True:
+                    out(protocol.PROMPT)
+                    time.sleep(0.5)
+            line = raw.rstrip(b"\n").rstrip(b"\r").decode("utf-8", errors="replace")
+            if line == "q":
+                raise Stop(0)
+            if line == "":
+                continue
+            self.run(line)
+
+
+def main(argv=None):
+    try:
+        opts = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        sys.stderr.write(f"{exc}\n{usage()}")
+        return 1
+    except Stop as stop:
+        return stop.status
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    emulator = Emulator(opts)
+    signal.signal(signal.SIGINT, emulator.on_sigint)
+    try:
+        emulator.init()
+        emulator.serve()
+    except Stop as stop:
+        return stop.status
+    except ValueError as exc:
+        out(protocol.log_line("E", "main", 1, str(exc)))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The Qwen2.5 tokenizer, in process: chat rendering, exact token counts, and decoding safe to print in pieces."""
+import codecs
+import os
+
+# transformers announces at import that PyTorch is missing; we only need its tokenizers.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from transformers import AutoTokenizer  # noqa: E402
+from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
+
+IM_END = "<|im_end|>"
+DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+class QwenTokenizer:
+    """Loads a Qwen2.5 tokenizer folder (model repository's, or the one scripts/setup builds)."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+        self._tok = AutoTokenizer.from_pretrained(self.folder)
+        self.eos_id = self._tok.convert_tokens_to_ids(IM_END)
+        # Qwen2.5 has no BOS token; the runner's protocol spells "none" as -1.
+        self.bos_id = -1
+        # Byte-level BPE: every ordinary token stands for bytes spelled with printable stand-ins.
+        self._byte_of_char = {char: byte for byte, char in bytes_to_unicode().items()}
+        self._added = {int(i): tok.content for i, tok in self._tok.added_tokens_decoder.items()}
+        self._vocab_size = len(self._tok)
+
+    def __len__(self):
+        return self._vocab_size
+
+    # -- text -> ids ---------------------------------------------------------------------------
+    def encode(self, text):
+        """Ids of raw text; special-token markup in the text is read as the special tokens."""
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def render_chat(self, messages, tools=None, add_generation_prompt=True):
+        """The prompt text of a conversation, by the tokenizer's own chat template."""
+        return self._tok.apply_chat_template(
+            messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def chat_ids(self, messages, tools=None):
+        return self.encode(self.render_chat(messages, tools))
+
+    def vendor_prompt_ids(self, line):
+        """What the vendor's tokenizer script answers for one input line: the default template, one user turn."""
+        return self.chat_ids([{"role": "user", "content": line}])
+
+    # -- ids -> text ---------------------------------------------------------------------------
+    def decode(self, ids):
+        return self._tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_bytes(self, ids):
+        """The exact bytes a list of ids stands for (added tokens as their UTF-8 text)."""
+        out = bytearray()
+        for token_id, piece in zip(ids, self._tok.convert_ids_to_tokens(list(ids))):
+            if token_id in self._added:
+                out += self._added[token_id].encode("utf-8")
+            elif piece is not None:
+                out += bytes(self._byte_of_char[c] for c in piece)
+            else:
+                raise ValueError(f"token id {token_id} is outside the vocabulary")
+        return bytes(out)
+
+    def valid_id(self, token_id):
+        return isinstance(token_id, int) and 0 <= token_id < self._vocab_size
+
+    def incremental_decoder(self):
+        return IncrementalDecoder(self)
+
+
+class IncrementalDecoder:
+    """Turns ids arriving a few at a time into text that is safe to print as it comes.
+
+    A multi-byte character split between two pieces is held back until it is whole, so no piece
+    ends in U+FFFD by accident; `finish()` releases whatever is left. The pieces concatenate to
+    exactly `QwenTokenizer.decode(all ids)`.
+    """
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.ids = []
+
+    def push(self, ids):
+        self.ids.extend(ids)
+        return self._utf8.decode(self._tokenizer.token_bytes(ids), final=False)
+
+    def finish(self):
+        return self._utf8.decode(b"", final=True)

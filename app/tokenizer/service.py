@@ -1,0 +1,196 @@
+"""The tokenizer HTTP service that main_axcl calls (PROTOCOL.md, "The tokenizer service it calls").
+
+It runs in a thread of our own process, on 127.0.0.1 and a port picked at start. Because it answers
+`/encode`, it decides the exact prompt the card sees: the driver never writes a prompt's text to the
+runner's stdin, only a handle naming a `Generation` registered here, and `/encode` of that handle returns
+the ids rendered from the whole conversation. Any other line gets the vendor's behaviour (default system
+prompt, one user turn), so the binary still works when someone drives it by hand against us.
+
+`/decode` answers each live chunk with text that is safe to print (see `IncrementalDecoder`) and records
+every call, so the driver learns the output ids and the exact bytes the runner is about to print.
+"""
+import json
+import logging
+import secrets
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger(__name__)
+
+HANDLE_PREFIX = "#qwen-chat-request:"
+MAX_BODY = 4 << 20  # a 1024-token prompt line is far below this
+
+
+class DecodeCall:
+    """One /decode call of a generation: the ids asked for and the text answered (what the runner prints)."""
+    __slots__ = ("ids", "printed", "maybe_final")
+
+    def __init__(self, ids, printed, maybe_final):
+        self.ids = ids
+        self.printed = printed
+        self.maybe_final = maybe_final
+
+
+class Generation:
+    """One prompt sent to the runner, and the /decode calls the runner made for it."""
+
+    def __init__(self, handle, prompt_ids, decoder):
+        self.handle = handle
+        self.prompt_ids = list(prompt_ids)
+        self._decoder = decoder
+        self._lock = threading.Lock()
+        self._calls = []
+        self._live_ids = []  # ids of the calls so far, in order
+        self.encoded = threading.Event()
+
+    def record(self, ids):
+        """Answer a /decode call and remember it. Returns the text to send back."""
+        with self._lock:
+            live = self._live_ids
+            # The runner ends every generation with one /decode of all output ids (PROTOCOL.md). Such a
+            # call repeats the ids seen so far plus at most the 1-2 that were still pending; a live chunk
+            # of 3 new ids can only look like that in rare cases, which the driver settles from stdout.
+            maybe_final = ids[:len(live)] == live and len(ids) - len(live) <= 2
+            text = self._decoder.push(ids)
+            # main_axcl prints the answer with printf("%s"): a NUL would end the string early.
+            printed = text.replace("\x00", "")
+            self._calls.append(DecodeCall(ids, printed, maybe_final))
+            live.extend(ids)
+            return printed
+
+    def calls(self, start=0):
+        with self._lock:
+            return self._calls[start:]
+
+
+class TokenizerService:
+    """The runner's tokenizer over HTTP, plus the registry of pending prompts."""
+
+    def __init__(self, tokenizer, host="127.0.0.1", port=0):
+        self.tokenizer = tokenizer
+        self._pending = {}
+        self._current = None
+        self._lock = threading.Lock()
+        self._server = _Server((host, port), _Handler)
+        self._server.service = self
+        self._thread = None
+
+    @property
+    def url(self):
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def running(self):
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self):
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="tokenizer-service", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._server.server_close()
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def register(self, prompt_ids):
+        """Register a prompt; write `generation.handle` (one short line) to the runner to run it."""
+        handle = HANDLE_PREFIX + secrets.token_hex(16)
+        generation = Generation(handle, prompt_ids, self.tokenizer.incremental_decoder())
+        with self._lock:
+            self._pending[handle] = generation
+        return generation
+
+    def forget(self, generation):
+        with self._lock:
+            self._pending.pop(generation.handle, None)
+            if self._current is generation:
+                self._current = None
+
+    # -- the four calls ----------------------------------------------------------------------------
+    def encode(self, text):
+        with self._lock:
+            generation = self._pending.get(text)
+            if generation is None:
+                ids = self.tokenizer.vendor_prompt_ids(text)
+                generation = Generation(None, ids, self.tokenizer.incremental_decoder())
+            self._current = generation
+        generation.encoded.set()
+        return generation.prompt_ids
+
+    def decode(self, ids):
+        with self._lock:
+            generation = self._current
+        if generation is None:
+            return self.tokenizer.decode(ids)
+        return generation.record(ids)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # the runner may keep its connection open between calls
+
+    def setup(self):
+        super().setup()
+        # Answers are a single small write; never let Nagle hold one back for a delayed ACK.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def log_message(self, fmt, *args):
+        log.debug("tokenizer service: " + fmt, *args)
+
+    def do_GET(self):
+        tokenizer = self.server.service.tokenizer
+        if self.path == "/bos_id":
+            self._reply(200, {"bos_id": tokenizer.bos_id})
+        elif self.path == "/eos_id":
+            self._reply(200, {"eos_id": tokenizer.eos_id})
+        else:
+            self._reply(404, {"error": f"no such endpoint: GET {self.path}"})
+
+    def do_POST(self):
+        service = self.server.service
+        try:
+            body = self._json_body()
+            if self.path == "/encode":
+                text = body.get("text")
+                if not isinstance(text, str):
+                    raise ValueError('"text" must be a string')
+                self._reply(200, {"token_ids": service.encode(text)})
+            elif self.path == "/decode":
+                ids = body.get("token_ids")
+                if not isinstance(ids, list) or not all(service.tokenizer.valid_id(i) for i in ids):
+                    raise ValueError('"token_ids" must be a list of token ids')
+                self._reply(200, {"text": service.decode(ids)})
+            else:
+                self._reply(404, {"error": f"no such endpoint: POST {self.path}"})
+        except ValueError as exc:
+            self._reply(400, {"error": str(exc)})
+
+    def _json_body(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY:
+            self.close_connection = True
+            raise ValueError("body too large")
+        body = json.loads(self.rfile.read(length) or b"{}")
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        return body
+
+    def _reply(self, status, obj):
+        body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        head = (f"HTTP/1.1 {status} {self.responses[status][0]}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
+        if self.close_connection:
+            head += "Connection: close\r\n"
+        self.wfile.write(head.encode("ascii") + b"\r\n" + body)

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Runner benchmark: the driver against a bare pexpect loop, and /decode latency as the runner sees it.
+
+    .venv/bin/python scripts/bench_runner.py [--rounds 7] [--count 300] [--token-ms 0]
+
+Both sides drive the same emulated runner with the same prompt through the same tokenizer service; the
+bare loop only writes the handle and waits for the end notice with pexpect.expect, the driver does all
+its work (matching every chunk against /decode answers, decoding ids, stop and limit checks). Rounds
+alternate between the two so machine noise hits both alike; medians and the ratio are printed.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pexpect
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app import config  # noqa: E402
+from app.runner import protocol  # noqa: E402
+from app.runner.driver import Runner, _child_setup  # noqa: E402
+from app.tokenizer.qwen import QwenTokenizer  # noqa: E402
+from app.tokenizer.service import TokenizerService  # noqa: E402
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def emulator_env(tokenizer, token_ms, trace):
+    return dict(os.environ, PYTHONPATH=str(PROJECT_DIR), QWEN_EMULATOR_TOKENIZER=tokenizer.folder,
+                QWEN_EMULATOR_TOKEN_MS=str(token_ms), QWEN_EMULATOR_TRACE=str(trace))
+
+
+def bare_round(child, service, prompt_ids):
+    """Write the handle, wait for the notice and prompt; tokens from the runner's final /decode."""
+    generation = service.register(prompt_ids)
+    started = time.perf_counter()
+    child.send(generation.handle.encode() + b"\n")
+    child.expect(protocol.END_RE)
+    elapsed = time.perf_counter() - started
+    service.forget(generation)
+    return len(generation.calls()[-1].ids) / elapsed
+
+
+def driver_round(runner, prompt_ids):
+    started = time.perf_counter()
+    result = runner.generate(prompt_ids, on_text=lambda text: None)
+    return len(result.ids) / (time.perf_counter() - started), len(result.ids)
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--count", type=int, default=200, help='the prompt asks the emulator to "count to N"')
+    parser.add_argument("--token-ms", type=float, default=0.0)
+    args = parser.parse_args()
+
+    tokenizer = QwenTokenizer(config.load({})["model"]["tokenizer_dir"])
+    service = TokenizerService(tokenizer).start()
+    prompt_ids = tokenizer.chat_ids([{"role": "user", "content": f"count to {args.count}"}])
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        command = [sys.executable, "-m", "app.runner.emulator"] + protocol.vendor_flags(str(tmp), service.url)
+        runner = Runner(command, service, tmp, env=emulator_env(tokenizer, args.token_ms, tmp / "driver.trace"))
+        bare = pexpect.spawn(command[0], command[1:], cwd=str(tmp), echo=False, timeout=120, use_poll=True,
+                             env=emulator_env(tokenizer, args.token_ms, tmp / "bare.trace"),
+                             preexec_fn=lambda parent=os.getpid(): _child_setup(parent))
+        bare.delaybeforesend = None
+        bare.expect_exact(protocol.READY_PROMPT)
+        driver_rates, bare_rates = [], []
+        for _ in range(args.rounds):
+            bare_rates.append(bare_round(bare, service, prompt_ids))
+            rate, tokens = driver_round(runner, prompt_ids)
+            driver_rates.append(rate)
+        runner.close()
+        bare.sendline(b"q")
+        bare.expect(pexpect.EOF)
+        decode_ms = [float(line.split()[1]) * 1000 for line in (tmp / "driver.trace").read_text().splitlines()
+                     if line.startswith("decode ")]
+
+    print(f"runner benchmark: emulator at {args.token_ms:g} ms/token, {tokens} output ids per round, "
+          f"{args.rounds} rounds alternating")
+    print(f"  bare pexpect loop   median {statistics.median(bare_rates):8.0f} tokens/s  "
+          f"(min {min(bare_rates):.0f}, max {max(bare_rates):.0f})")
+    print(f"  driver (Runner)     median {statistics.median(driver_rates):8.0f} tokens/s  "
+          f"(min {min(driver_rates):.0f}, max {max(driver_rates):.0f})")
+    print(f"  ratio driver/bare   {statistics.median(driver_rates) / statistics.median(bare_rates):.3f}   (goal >= 0.9)")
+    print(f"  /decode round trip seen by the runner during the driver's generations: n={len(decode_ms)}  "
+          f"p50 {percentile(decode_ms, 50):.2f} ms  p99 {percentile(decode_ms, 99):.2f} ms  "
+          f"max {max(decode_ms):.2f} ms   (goal p99 < 5 ms)")
+    service.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""A separate process that drives the card: prints its state as JSON lines, then waits to be killed.
+
+    python tests/helpers/hold_card.py LOCK_PATH WORKDIR
+"""
+import json
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from app import config  # noqa: E402
+from app.runner.card import Card  # noqa: E402
+from app.tokenizer.qwen import QwenTokenizer  # noqa: E402
+from app.tokenizer.service import TokenizerService  # noqa: E402
+
+
+def main(lock_path, workdir):
+    tokenizer = QwenTokenizer(config.load({})["model"]["tokenizer_dir"])
+    service = TokenizerService(tokenizer).start()
+    card = Card(tokenizer, service, model_dir=Path(workdir) / "model", binary="emulator", workdir=workdir,
+                lock_path=lock_path, emulator={"token_ms": 0}, backoff_initial=30).start()
+    state = card.wait_ready(60)
+    pid = card.runner.pid if card.runner else None
+    print(json.dumps({"state": state, "reason": card.reason, "runner_pid": pid}), flush=True)
+    threading.Event().wait()  # until killed
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,185 @@
+"""The card's supervisor: one runner, first come first served, restarts, the lock, no orphans."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from app.runner.card import Card, CardUnavailable
+from app.runner.errors import CardDead, RunnerDied, RunnerStalled
+from conftest import PROJECT_DIR
+
+HOLD_CARD = Path(__file__).with_name("helpers") / "hold_card.py"
+
+
+def ask(tokenizer, text):
+    return tokenizer.chat_ids([{"role": "user", "content": text}])
+
+
+def said(text):
+    return f'Emulated runner (no NPU card here). You said: "{text}"'
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    """Poll a condition with a deadline (a condition, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_first_come_first_served_each_with_its_own_answer(make_card, tokenizer):
+    card = make_card(emulator={"token_ms": 2})
+    assert card.wait_ready(30) == "ready"
+    jobs = [card.submit(ask(tokenizer, f"request {i}")) for i in range(6)]
+    results = [None] * len(jobs)
+
+    def consume(i):
+        results[i] = jobs[i].result(timeout=60)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in reversed(range(len(jobs)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.text for r in results] == [said(f"request {i}") for i in range(len(jobs))]
+    starts = [job.started_at for job in jobs]
+    assert starts == sorted(starts)  # served in arrival order, whatever order the readers came in
+
+
+def test_streamed_events(make_card, tokenizer):
+    card = make_card()
+    job = card.submit(ask(tokenizer, "stream me"))
+    texts = []
+    while True:
+        kind, value = job.next_event(timeout=30)
+        if kind == "done":
+            break
+        texts.append(value)
+    assert "".join(texts) == value.text == said("stream me")
+
+
+def test_a_cancelled_waiter_is_skipped(make_card, tokenizer):
+    card = make_card(emulator={"token_ms": 5})
+    first = card.submit(ask(tokenizer, "count to 200"))
+    skipped = card.submit(ask(tokenizer, "never served"))
+    skipped.cancel()
+    last = card.submit(ask(tokenizer, "served"))
+    assert last.result(timeout=60).text == said("served")
+    assert first.result(timeout=5).finish_reason == "stop"
+    assert skipped.started_at is None
+
+
+@pytest.mark.parametrize("fault, error", [("crash:4", CardDead), ("hang:4", RunnerStalled)])
+def test_failure_mid_reply_then_the_next_request_works(make_card, tokenizer, tmp_path, fault, error):
+    fault_file = tmp_path / "fault"
+    fault_file.write_text(fault)
+    card = make_card(emulator={"fault_file": str(fault_file)}, stall_timeout=0.5)
+    with pytest.raises(error):
+        card.submit(ask(tokenizer, "hello")).result(timeout=30)
+    fault_file.write_text("")  # the card works again
+    if card.state == "unavailable":  # a dead card is reported unavailable until it starts again
+        wait_for(lambda: card.state == "ready", what="the card to come back")
+    assert card.submit(ask(tokenizer, "again")).result(timeout=30).text == said("again")
+    assert card.restarts == 1
+
+
+def test_runner_exit_while_idle_is_noticed_and_repaired(make_card, tokenizer):
+    card = make_card()
+    assert card.wait_ready(30) == "ready"
+    first_pid = card.runner.pid
+    os.kill(first_pid, signal.SIGKILL)
+    wait_for(lambda: card.runner is not None and card.runner.pid != first_pid and card.state == "ready",
+             what="a new runner")
+    assert card.submit(ask(tokenizer, "fresh")).result(timeout=30).text == said("fresh")
+
+
+def test_start_failure_makes_the_card_unavailable_until_it_recovers(make_card, tokenizer, tmp_path):
+    fault_file = tmp_path / "fault"
+    fault_file.write_text("start_fail")
+    card = make_card(emulator={"fault_file": str(fault_file)}, backoff_initial=0.2, backoff_max=0.4)
+    assert card.wait_ready(30) == "unavailable"
+    assert card.npu == "unavailable" and "Set AXCL device failed" in card.reason
+    started = time.monotonic()
+    with pytest.raises(CardUnavailable, match="Set AXCL device failed"):
+        card.submit(ask(tokenizer, "hello"))
+    assert time.monotonic() - started < 0.1  # fast, not queued
+    fault_file.write_text("")
+    wait_for(lambda: card.state == "ready", what="recovery")
+    assert card.npu == "emulated"
+    assert card.submit(ask(tokenizer, "back")).result(timeout=30).text == said("back")
+
+
+def test_backoff_grows_and_is_capped(make_card, tmp_path):
+    fault_file = tmp_path / "fault"
+    fault_file.write_text("start_fail")
+    card = make_card(emulator={"fault_file": str(fault_file)}, backoff_initial=0.1, backoff_max=0.4)
+    wait_for(lambda: card.failures >= 4, what="four failed starts")
+    # 0.1, 0.2, 0.4, 0.4: no restart storm, and no waiting longer than the cap.
+    assert card.retry_at - time.monotonic() <= 0.4
+
+
+def test_missing_binary_is_one_clear_message(tokenizer, service, tmp_path):
+    card = Card(tokenizer, service, model_dir=tmp_path, binary="/nonexistent/main_axcl", workdir=tmp_path / "w",
+                lock_path=tmp_path / "lock", backoff_initial=30).start()
+    try:
+        assert card.wait_ready(10) == "unavailable"
+        assert "cannot start the runner /nonexistent/main_axcl" in card.reason
+    finally:
+        card.stop()
+
+
+def test_incomplete_model_folder_is_one_clear_message(tokenizer, service, tmp_path):
+    fake = tmp_path / "main_axcl"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    card = Card(tokenizer, service, model_dir=tmp_path / "model", binary=str(fake), workdir=tmp_path / "w",
+                lock_path=tmp_path / "lock", backoff_initial=30).start()
+    try:
+        assert card.wait_ready(10) == "unavailable"
+        assert "model folder" in card.reason and "is incomplete" in card.reason
+    finally:
+        card.stop()
+
+
+def start_holder(lock_path, workdir):
+    proc = subprocess.Popen([sys.executable, str(HOLD_CARD), str(lock_path), str(workdir)], cwd=PROJECT_DIR,
+                            stdout=subprocess.PIPE, text=True)
+    return proc, json.loads(proc.stdout.readline())
+
+
+def test_a_second_process_on_the_same_card_is_refused(make_card, tmp_path):
+    lock = tmp_path / "card.lock"
+    card = make_card(lock_path=lock)
+    assert card.wait_ready(30) == "ready"
+    proc, state = start_holder(lock, tmp_path / "second")
+    try:
+        assert state["state"] == "unavailable" and state["runner_pid"] is None
+        assert f"another process (pid {os.getpid()}) is driving the card" in state["reason"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return stat[0] != "Z"
+
+
+def test_sigkill_of_the_parent_leaves_no_runner(tmp_path):
+    proc, state = start_holder(tmp_path / "card.lock", tmp_path / "w")
+    runner_pid = state["runner_pid"]
+    assert state["state"] == "ready" and alive(runner_pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    wait_for(lambda: not alive(runner_pid), timeout=10, what="the orphaned runner to die")

@@ -1,0 +1,205 @@
+"""The driver (Runner) against the emulated runner: a real child process under a real pty."""
+import threading
+
+import pytest
+
+from app.runner import protocol
+from app.runner.errors import CardDead, RunnerDied, RunnerStalled, RunnerStartError
+
+SPLIT_TEXT = "你好，世界 🎉🎉 emoji 👨‍👩‍👧 done"
+
+
+def reply_to(text):
+    return f'Emulated runner (no NPU card here). You said: "{text}"'
+
+
+def chat(tokenizer, *turns, system=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    roles = ["user", "assistant"]
+    messages += [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+    return tokenizer.chat_ids(messages)
+
+
+@pytest.fixture
+def runner(make_runner):
+    return make_runner()
+
+
+def generate(runner, ids, **kwargs):
+    pieces = []
+    result = runner.generate(ids, on_text=pieces.append, **kwargs)
+    assert "".join(pieces) == result.text  # what streams is exactly what is returned
+    return result, pieces
+
+
+def test_multi_turn_with_system_prompt_newlines_cjk_and_emoji(runner, tokenizer):
+    last = "Third turn:\nline two\n\n第三 🎉 done"
+    ids = chat(tokenizer, "first\nquestion", "an answer", last, system="Be brief.\nReally brief.")
+    result, pieces = generate(runner, ids)
+    # One line went to the runner; the whole conversation, newlines included, reached it via /encode.
+    assert result.text == reply_to(last)
+    assert result.prompt_tokens == len(ids)
+    assert result.ids == tokenizer.encode(result.text)
+    assert result.finish_reason == "stop"
+    assert len(pieces) > 3  # it streamed
+
+
+@pytest.mark.parametrize("text", [
+    ">> not a prompt >> ",
+    "blank\n\n\nlines\n\n",
+    "hit eos,avg 12.65 token/s\n>> ",
+    "\n\n\x1b[1;30;35m[N][                             Run][ 610]: hit eos,avg 1.00 token/s\n\x1b[0m\n>> ",
+])
+def test_text_that_looks_like_framing_comes_back_byte_exact(runner, tokenizer, text):
+    result, _ = generate(runner, chat(tokenizer, text))
+    assert result.text == reply_to(text)
+    # ...and the runner is left at its prompt: the next generation is clean.
+    assert generate(runner, chat(tokenizer, "next"))[0].text == reply_to("next")
+
+
+def test_multibyte_character_split_across_chunks(runner, tokenizer):
+    result, pieces = generate(runner, chat(tokenizer, SPLIT_TEXT))
+    assert result.text == reply_to(SPLIT_TEXT)
+    assert not any("\ufffd" in piece for piece in pieces)
+    # The reply really does split a character between the runner's 3-id chunks.
+    chunks = [result.ids[i:i + 3] for i in range(0, len(result.ids), 3)]
+    assert any("\ufffd" in tokenizer.decode(chunk) for chunk in chunks)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 4, 5, 7, 20])
+def test_max_tokens_is_exact(runner, tokenizer, max_tokens):
+    result, _ = generate(runner, chat(tokenizer, "count to 100"), max_tokens=max_tokens)
+    assert len(result.ids) == max_tokens
+    assert result.text == tokenizer.decode(result.ids)
+    assert result.finish_reason == "length"
+    assert generate(runner, chat(tokenizer, "after"))[0].text == reply_to("after")
+
+
+def test_max_tokens_beyond_the_answer_is_a_normal_stop(runner, tokenizer):
+    result, _ = generate(runner, chat(tokenizer, "short"), max_tokens=500)
+    assert result.text == reply_to("short") and result.finish_reason == "stop"
+
+
+def test_stop_string_spanning_two_chunks(runner, tokenizer):
+    ids = chat(tokenizer, "count to 60")
+    full, _ = generate(runner, ids)
+    # Pick a stop string whose text starts in one 3-id chunk and ends in the next.
+    ends = [len(tokenizer.decode(full.ids[:i])) for i in range(0, len(full.ids) + 1, 3)]
+    boundary = next(e for e in ends if full.text[e - 2:e + 3].count(",") == 1 and e > 80)
+    stop = full.text[boundary - 2:boundary + 3]
+    assert full.text.find(stop) == boundary - 2
+    result, pieces = generate(runner, ids, stop=["never appears", stop])
+    assert result.text == full.text[:boundary - 2]
+    assert result.finish_reason == "stop" and result.stop_sequence == stop
+    assert stop not in "".join(pieces)
+    assert len(result.ids) < len(full.ids)
+    assert stop in tokenizer.decode(result.ids)  # ids up to the one that completed the stop string
+
+
+def test_stop_string_never_leaks_a_prefix(runner, tokenizer):
+    # "21" streams before ", 22" is known; it must be held back, not sent and then taken back.
+    result, pieces = generate(runner, chat(tokenizer, "count to 30"), stop=["21, 22"])
+    assert result.text.endswith("20, ") and "21" not in "".join(pieces)
+
+
+def test_the_1024_token_window_ends_as_length(runner, tokenizer):
+    ids = chat(tokenizer, "count to 2000")
+    result, _ = generate(runner, ids)
+    assert result.finish_reason == "length"
+    # PROTOCOL.md: a prompt of L tokens yields at most 1025 - L output ids; the last 1-2 are never
+    # printed but come with the final /decode, and they are part of the result.
+    assert len(result.ids) == protocol.MAX_TOKEN_LEN + 1 - len(ids)
+    assert result.text == tokenizer.decode(result.ids)
+    assert generate(runner, chat(tokenizer, "after the window"))[0].text == reply_to("after the window")
+
+
+def test_prompt_of_1024_tokens_yields_one_id(runner, tokenizer):
+    ids = tokenizer.encode("7" * protocol.MAX_TOKEN_LEN)  # Qwen splits digits: one id each
+    assert len(ids) == protocol.MAX_TOKEN_LEN
+    result, _ = generate(runner, ids)
+    assert len(result.ids) == 1 and result.finish_reason == "length"
+
+
+def test_cancel_mid_reply_then_a_normal_request(make_runner, tokenizer):
+    runner = make_runner(token_ms=5)
+    cancel = threading.Event()
+    pieces = []
+
+    def on_text(piece):
+        pieces.append(piece)
+        cancel.set()  # the client goes away as soon as the first text arrives
+
+    result = runner.generate(chat(tokenizer, "count to 1000"), on_text=on_text, cancelled=cancel.is_set)
+    assert result.finish_reason == "cancelled"
+    assert 0 < len(result.ids) < 100
+    after, _ = generate(runner, chat(tokenizer, "and now?"))
+    assert after.text == reply_to("and now?")
+
+
+def test_timings_are_reported(make_runner, tokenizer):
+    runner = make_runner(token_ms=10)
+    ids = chat(tokenizer, "timing")
+    result, _ = generate(runner, ids)
+    # The emulator spends token_ms per prompt token before the first output id.
+    assert result.prompt_seconds >= len(ids) * 0.010
+    assert result.generation_seconds > 0 and result.tokens_per_second > 0
+    assert result.total_seconds >= result.prompt_seconds + result.generation_seconds - 1e-6
+
+
+def test_progress_is_reported_while_loading(make_runner):
+    steps = []
+    make_runner(load_ms=1, on_progress=lambda step, total: steps.append((step, total)))
+    assert steps == [(i, protocol.LOAD_STEPS) for i in range(1, protocol.LOAD_STEPS + 1)]
+
+
+def test_crash_mid_reply_is_a_typed_error(make_runner, tokenizer):
+    runner = make_runner(fault="crash:4")
+    with pytest.raises(CardDead, match="device 1 is dead"):
+        runner.generate(chat(tokenizer, "hello"))
+    assert not runner.usable
+
+
+def test_exit_mid_reply_without_a_report(make_runner, tokenizer, tmp_path):
+    runner = make_runner(token_ms=5)
+    pieces = []
+
+    def on_text(piece):
+        if not pieces:
+            runner.child.kill(9)
+        pieces.append(piece)
+
+    with pytest.raises(RunnerDied, match="signal 9"):
+        runner.generate(chat(tokenizer, "count to 500"), on_text=on_text)
+
+
+def test_hang_mid_reply_hits_the_stall_timeout(make_runner, tokenizer):
+    runner = make_runner(fault="hang:4", stall_timeout=0.5)
+    with pytest.raises(RunnerStalled):
+        runner.generate(chat(tokenizer, "hello"))
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("start_fail", "Set AXCL device failed"),
+    ("no_permission", "Operation not permitted"),
+])
+def test_start_failure_is_one_clear_message(make_runner, fault, message):
+    with pytest.raises(RunnerStartError, match=message) as caught:
+        make_runner(fault=fault)
+    assert "\n" not in str(caught.value)
+
+
+def test_slow_start_past_the_timeout(make_runner):
+    with pytest.raises(RunnerStartError, match="did not finish loading within 0.5 s"):
+        make_runner(fault="slow_start", startup_timeout=0.5)
+
+
+def test_missing_binary(service, tmp_path):
+    from app.runner.driver import Runner
+    with pytest.raises(RunnerStartError, match="cannot start the runner /nonexistent/main_axcl"):
+        Runner(["/nonexistent/main_axcl"], service, tmp_path)
+
+
+def test_close_quits_with_q(make_runner):
+    runner = make_runner()
+    runner.close()
+    assert runner.child.exitstatus == 0 and not runner.child.isalive()

@@ -1,0 +1,84 @@
+"""The tokenizer HTTP service main_axcl calls, over real HTTP."""
+import http.client
+import json
+import urllib.parse
+
+import pytest
+
+from app.tokenizer import build
+
+
+def call(service, method, path, body=None, conn=None):
+    parsed = urllib.parse.urlsplit(service.url)
+    conn = conn or http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=5)
+    payload = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    conn.request(method, path, body=payload)
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def test_ids(service):
+    assert call(service, "GET", "/bos_id") == (200, {"bos_id": -1})
+    assert call(service, "GET", "/eos_id") == (200, {"eos_id": 151645})
+
+
+def test_vendor_behaviour_for_a_plain_line(service):
+    assert call(service, "POST", "/encode", {"text": "hello world"}) == (200, {"token_ids": build.CHECK_IDS})
+
+
+def test_a_handle_encodes_to_the_registered_prompt(service, tokenizer):
+    messages = [{"role": "system", "content": "S\nS"}, {"role": "user", "content": "a\n\nb"}]
+    ids = tokenizer.chat_ids(messages)
+    generation = service.register(ids)
+    try:
+        assert "\n" not in generation.handle and len(generation.handle) < 80
+        assert call(service, "POST", "/encode", {"text": generation.handle}) == (200, {"token_ids": ids})
+        assert generation.encoded.is_set()
+    finally:
+        service.forget(generation)
+    # Once forgotten, the same line is just text again.
+    status, body = call(service, "POST", "/encode", {"text": generation.handle})
+    assert body["token_ids"] != ids
+
+
+def test_decode_chunks_are_safe_to_print(service, tokenizer):
+    text = "你好，世界 🎉🎉 emoji 👨‍👩‍👧 done"
+    ids = tokenizer.encode(text)
+    generation = service.register([1, 2, 3])
+    try:
+        call(service, "POST", "/encode", {"text": generation.handle})
+        parsed = urllib.parse.urlsplit(service.url)
+        conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=5)  # kept alive
+        pieces = [call(service, "POST", "/decode", {"token_ids": ids[i:i + 3]}, conn)[1]["text"]
+                  for i in range(0, len(ids), 3)]
+        assert "".join(pieces) == text
+        assert not any("\ufffd" in piece for piece in pieces)
+        assert [c.ids for c in generation.calls()] == [ids[i:i + 3] for i in range(0, len(ids), 3)]
+        # The closing call with all ids is recognised as possibly final.
+        call(service, "POST", "/decode", {"token_ids": ids}, conn)
+        assert generation.calls()[-1].maybe_final
+    finally:
+        service.forget(generation)
+
+
+def test_decode_without_a_generation_is_plain(service, tokenizer):
+    ids = tokenizer.encode("plain text")
+    assert call(service, "POST", "/decode", {"token_ids": ids}) == (200, {"text": "plain text"})
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/encode", {"text": 5}),
+    ("/encode", b"{not json"),
+    ("/encode", [1, 2]),
+    ("/decode", {"token_ids": "abc"}),
+    ("/decode", {"token_ids": [-1]}),
+    ("/decode", {"token_ids": [10 ** 9]}),
+])
+def test_bad_requests_are_400(service, path, body):
+    status, answer = call(service, "POST", path, body)
+    assert status == 400 and "error" in answer
+
+
+def test_unknown_paths_are_404(service):
+    assert call(service, "GET", "/nope")[0] == 404
+    assert call(service, "POST", "/nope", {})[0] == 404
