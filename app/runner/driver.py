@@ -14,7 +14,6 @@ prompt and returns its result. The design follows PROTOCOL.md's traps:
   armed from the long-lived thread that spawns it; see card.py).
 """
 import ctypes
-import errno
 import logging
 import os
 import signal
@@ -89,13 +88,29 @@ def _child_setup(parent_pid, fd_in=0):
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != parent_pid:  # the parent died before the guard was armed
         os._exit(1)
-    # Keep the runner's bytes as they are: no "\n" -> "\r\n" on output.
+    # Keep the runner's bytes as they are: no "\n" -> "\r\n" on output. And NOFLSH: an interrupt
+    # character must never make the terminal discard output the runner wrote and we have not read.
     attrs = termios.tcgetattr(fd_in)
     attrs[1] &= ~termios.ONLCR
+    attrs[3] |= termios.NOFLSH
     termios.tcsetattr(fd_in, termios.TCSANOW, attrs)
     # Python ignores SIGPIPE, and ignored signals survive exec; the runner gets the defaults.
     for sig in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)
+
+
+def interrupt(child):
+    """SIGINT to the runner's process group (what Ctrl+C does), delivered now.
+
+    Not pexpect's sendintr(): a ^C written to the pty is acted on later by the line discipline, which
+    (without NOFLSH) throws away output the runner wrote that we have not read yet - a printed chunk
+    vanished and the generation could never be accounted for - and may deliver the signal after the next
+    prompt has started.
+    """
+    try:
+        os.killpg(child.pid, signal.SIGINT)
+    except ProcessLookupError:
+        pass
 
 
 class Runner:
@@ -241,7 +256,11 @@ class Runner:
                 calls_seen, last_activity = total_calls, now
             allowance = self.stall_timeout + (prefill_allowance if output.first_id_at is None else 0)
             if now - last_activity > allowance:
-                raise RunnerStalled(f"the runner printed nothing for {now - last_activity:.0f} s while generating")
+                pending = generation.calls(taken)
+                raise RunnerStalled(
+                    f"the runner printed nothing we could account for in {now - last_activity:.0f} s while "
+                    f"generating (unaccounted output {bytes(buf[-200:])!r}; {len(pending)} /decode answers "
+                    f"not yet seen: {[c.printed for c in pending][:3]!r})")
             try:
                 buf += self.child.read_nonblocking(READ_SIZE, timeout=POLL_SECONDS)
                 last_activity = time.monotonic()
@@ -358,11 +377,7 @@ class Runner:
 
     def _interrupt(self, limits, reason):
         limits.reason = reason
-        try:
-            self.child.sendintr()  # ^C on the pty: SIGINT to the runner's foreground process group
-        except OSError as exc:
-            if exc.errno not in (errno.EIO, errno.EBADF):
-                raise
+        interrupt(self.child)
 
     def _finish(self, generation, limits, output, on_text, started, ended):
         calls = generation.calls()
