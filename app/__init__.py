@@ -1,0 +1,43 @@
+"""qwen-chat: an OpenAI- and Ollama-compatible service for Qwen2.5-1.5B-Instruct on the LLM-8850 card."""
+import atexit
+import logging
+import os
+
+from flask import Flask
+
+
+def create_app(test_config=None):
+    """The application factory (as in Flask's tutorial).
+
+    `test_config` entries go to app.config, except two read here: SETTINGS, a configuration mapping used
+    instead of the YAML file, and INSTANCE_PATH, the instance folder (lock file, runner working directory;
+    QWEN_CHAT_INSTANCE in the environment sets it too, e.g. for a second service on another card).
+    """
+    from app import config
+
+    test_config = dict(test_config or {})
+    instance_path = test_config.pop("INSTANCE_PATH", None) or os.environ.get(config.ENV_INSTANCE) or None
+    app = Flask(__name__, instance_path=instance_path, instance_relative_config=True)
+    settings = config.load(test_config.pop("SETTINGS", None))
+    app.config.from_mapping(QWEN=settings, MAX_CONTENT_LENGTH=settings["server"]["max_body_bytes"])
+    app.config.update(test_config)
+    app.json.sort_keys = False
+    app.json.ensure_ascii = False
+    os.makedirs(app.instance_path, exist_ok=True)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from app.backend import Backend
+    from app.errors import register_error_handlers
+    from app import health, openai_api
+
+    backend = Backend(settings, app.instance_path).start()
+    app.extensions["qwen"] = backend
+    atexit.register(backend.stop)
+
+    register_error_handlers(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(openai_api.bp)
+    logging.getLogger(__name__).info("configuration from %s; model %s", settings["source"],
+                                     settings["model"]["name"])
+    return app

@@ -16,6 +16,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 INSTANCE_DIR = PROJECT_DIR / "instance"
 ENV_CONFIG = "QWEN_CHAT_CONFIG"
 ENV_API_KEY = "QWEN_CHAT_API_KEY"
+ENV_INSTANCE = "QWEN_CHAT_INSTANCE"
 TOKENIZER_SUBDIR = "qwen2.5_tokenizer"
 
 

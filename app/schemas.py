@@ -24,9 +24,9 @@ class _Strict(Schema):
 class ServerConfig(_Strict):
     host = fields.String(load_default="127.0.0.1")
     port = fields.Integer(load_default=8000, validate=validate.Range(1, 65535))
-    threads = fields.Integer(load_default=32, validate=validate.Range(2, 1024))
+    threads = fields.Integer(load_default=64, validate=validate.Range(2, 1024))
     max_body_bytes = fields.Integer(load_default=1 << 20, validate=validate.Range(1024, 1 << 30))
-    max_queue = fields.Integer(load_default=16, validate=validate.Range(0, 10000))
+    max_queue = fields.Integer(load_default=32, validate=validate.Range(0, 10000))
     queue_timeout = fields.Float(load_default=300.0, validate=validate.Range(min=0, min_inclusive=False))
     api_key = fields.Raw(load_default=None)
     cors_origins = fields.List(fields.String(), load_default=list)
@@ -89,3 +89,205 @@ class Config(_Strict):
 
 
 CONFIG = Config()
+
+
+# -- request bodies --------------------------------------------------------------------------------------
+# Clients send many fields we have no use for; like vLLM we ignore unknown fields instead of failing.
+class _Lenient(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+
+class JsonBool(fields.Boolean):
+    """A JSON true or false (marshmallow would also take "yes", "on", "1"...)."""
+    truthy = {True}
+    falsy = {False}
+
+
+class StopField(fields.Field):
+    """`stop`: a string or a list of up to 4 non-empty strings; always loaded as a list."""
+    default_error_messages = {"invalid": "Must be a string or a list of up to 4 strings."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or len(value) > 4 or not all(isinstance(v, str) for v in value):
+            raise self.make_error("invalid")
+        return [v for v in value if v]
+
+
+class ContentField(fields.Field):
+    """Message content: a string, a list of text parts, or null (only where the role allows it)."""
+    default_error_messages = {
+        "invalid": "Must be a string or a list of content parts.",
+        "part": "Content parts must be objects with a type.",
+        "modality": "This model reads text only; content parts of type {type!r} are not supported.",
+        "text": "A text part needs a string `text`.",
+    }
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise self.make_error("invalid")
+        texts = []
+        for part in value:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise self.make_error("part")
+            if part["type"] not in ("text", "input_text"):
+                raise self.make_error("modality", type=part["type"])
+            if not isinstance(part.get("text"), str):
+                raise self.make_error("text")
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class ToolFunction(_Lenient):
+    name = fields.String(required=True, validate=validate.Regexp(
+        r"^[A-Za-z0-9_.-]{1,64}$", error="Must be 1-64 letters, digits, underscores, dots or dashes."))
+    description = fields.String(load_default=None, allow_none=True)
+    parameters = fields.Dict(load_default=None, allow_none=True)
+    strict = JsonBool(load_default=None, allow_none=True)
+
+
+class Tool(_Lenient):
+    type = fields.String(required=True, validate=validate.Equal("function", error="Only function tools exist."))
+    function = fields.Nested(ToolFunction, required=True)
+
+
+class ToolCallFunction(_Lenient):
+    name = fields.String(required=True)
+    arguments = fields.Raw(required=True)  # a JSON string (OpenAI) or an object (Ollama)
+
+
+class ToolCall(_Lenient):
+    id = fields.String(load_default=None, allow_none=True)
+    type = fields.String(load_default="function", validate=validate.Equal("function"))
+    function = fields.Nested(ToolCallFunction, required=True)
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ChatMessage(_Lenient):
+    role = fields.String(required=True, validate=validate.OneOf(CHAT_ROLES))
+    content = ContentField(load_default=None)
+    name = fields.String(load_default=None, allow_none=True)
+    tool_calls = fields.List(fields.Nested(ToolCall), load_default=None, allow_none=True)
+    tool_call_id = fields.String(load_default=None, allow_none=True)
+
+    @validates_schema
+    def _content(self, data, **kwargs):
+        if data.get("content") is None and not (data.get("role") == "assistant" and data.get("tool_calls")):
+            raise ValidationError("Field may not be null (only an assistant message with tool_calls may "
+                                  "omit its content).", "content")
+
+
+class _Sampling(_Lenient):
+    """Sampling fields every client sends. The card's sampling is fixed when the runner starts, so these are
+    accepted (and type-checked) but do not change the output; see README."""
+    temperature = fields.Float(load_default=None, allow_none=True, validate=validate.Range(0, 2))
+    top_p = fields.Float(load_default=None, allow_none=True, validate=validate.Range(0, 1))
+    top_k = fields.Integer(strict=True, load_default=None, allow_none=True)
+    frequency_penalty = fields.Float(load_default=None, allow_none=True, validate=validate.Range(-2, 2))
+    presence_penalty = fields.Float(load_default=None, allow_none=True, validate=validate.Range(-2, 2))
+    repetition_penalty = fields.Float(load_default=None, allow_none=True)
+    seed = fields.Integer(strict=True, load_default=None, allow_none=True)
+    user = fields.String(load_default=None, allow_none=True)
+    max_tokens = fields.Integer(strict=True, load_default=None, allow_none=True, validate=validate.Range(min=1))
+    stop = StopField(load_default=list)
+    stream = JsonBool(load_default=False)
+    stream_options = fields.Dict(load_default=None, allow_none=True)
+    n = fields.Integer(strict=True, load_default=None, allow_none=True, validate=validate.Range(min=1))
+    logit_bias = fields.Dict(load_default=None, allow_none=True)
+
+    @validates_schema
+    def _what_the_card_cannot_do(self, data, **kwargs):
+        if (data.get("n") or 1) > 1:
+            raise ValidationError("`n` > 1 is not supported: the card generates one choice at a time.", "n")
+        if data.get("logit_bias"):
+            raise ValidationError("`logit_bias` is not supported: the card's sampling is fixed.", "logit_bias")
+        options = data.get("stream_options")
+        if options is not None and not isinstance(options.get("include_usage", False), bool):
+            raise ValidationError("`include_usage` must be a boolean.", "stream_options")
+
+
+class ChatCompletionRequest(_Sampling):
+    model = fields.String(required=True, validate=validate.Length(min=1))
+    messages = fields.List(fields.Nested(ChatMessage), required=True, validate=validate.Length(
+        min=1, error="At least one message is required."))
+    max_completion_tokens = fields.Integer(strict=True, load_default=None, allow_none=True, validate=validate.Range(min=1))
+    logprobs = JsonBool(load_default=None, allow_none=True)
+    top_logprobs = fields.Integer(strict=True, load_default=None, allow_none=True)
+    response_format = fields.Dict(load_default=None, allow_none=True)
+    tools = fields.List(fields.Nested(Tool), load_default=None, allow_none=True)
+    tool_choice = fields.Raw(load_default=None, allow_none=True)
+    parallel_tool_calls = JsonBool(load_default=None, allow_none=True)
+    functions = fields.Raw(load_default=None, allow_none=True)
+    function_call = fields.Raw(load_default=None, allow_none=True)
+    modalities = fields.List(fields.String(), load_default=None, allow_none=True)
+
+    @validates_schema
+    def _chat_features(self, data, **kwargs):
+        if data.get("logprobs"):
+            raise ValidationError("`logprobs` is not supported by this server.", "logprobs")
+        if data.get("top_logprobs"):
+            raise ValidationError("`top_logprobs` is not supported by this server.", "top_logprobs")
+        fmt = data.get("response_format")
+        if fmt is not None and fmt.get("type", "text") != "text":
+            raise ValidationError("Only `response_format` {\"type\": \"text\"} is supported: the card's output "
+                                  "cannot be constrained.", "response_format")
+        if data.get("functions") or data.get("function_call"):
+            raise ValidationError("The legacy `functions` API is not supported; use `tools`.", "functions")
+        if data.get("modalities") and set(data["modalities"]) != {"text"}:
+            raise ValidationError("Only the text modality is supported.", "modalities")
+        choice = data.get("tool_choice")
+        if choice is not None and choice not in ("none", "auto", "required") and not (
+                isinstance(choice, dict) and choice.get("type") == "function"
+                and isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)):
+            raise ValidationError('Must be "none", "auto", "required" or {"type": "function", "function": '
+                                  '{"name": ...}}.', "tool_choice")
+
+
+class PromptField(fields.Field):
+    """/v1/completions `prompt`: a string, a list of token ids, or a list holding exactly one of those."""
+    default_error_messages = {
+        "invalid": "Must be a string, a list of token ids, or a list with one of those.",
+        "batch": "Only one prompt per request is supported.",
+    }
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+            value = value[0]
+        elif isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
+            raise self.make_error("batch")
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+        raise self.make_error("invalid")
+
+
+class CompletionRequest(_Sampling):
+    model = fields.String(required=True, validate=validate.Length(min=1))
+    prompt = PromptField(required=True)
+    echo = JsonBool(load_default=False)
+    suffix = fields.String(load_default=None, allow_none=True)
+    best_of = fields.Integer(strict=True, load_default=None, allow_none=True)
+    logprobs = fields.Integer(strict=True, load_default=None, allow_none=True)
+
+    @validates_schema
+    def _completion_features(self, data, **kwargs):
+        if data.get("suffix"):
+            raise ValidationError("`suffix` (insertion) is not supported by this server.", "suffix")
+        if (data.get("best_of") or 1) > 1:
+            raise ValidationError("`best_of` > 1 is not supported: the card generates one choice at a time.",
+                                  "best_of")
+        if data.get("logprobs"):
+            raise ValidationError("`logprobs` is not supported by this server.", "logprobs")
+
+
+CHAT_COMPLETION_REQUEST = ChatCompletionRequest()
+COMPLETION_REQUEST = CompletionRequest()

@@ -71,3 +71,130 @@ def make_card(tokenizer, service, tmp_path):
     yield make
     for card in cards:
         card.stop()
+
+
+# -- the application --------------------------------------------------------------------------------------
+def settings(**sections):
+    """Configuration for tests: the emulated runner at full speed unless a test says otherwise."""
+    base = {"runner": {"binary": "emulator", "emulator": {"token_ms": 0}, "backoff_initial": 0.05}}
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+        if name == "runner" and "emulator" in values:
+            base[name]["emulator"] = {"token_ms": 0, **values["emulator"]}
+    return base
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory):
+    from app import create_app
+    app = create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path_factory.mktemp("instance")),
+                      "SETTINGS": settings()})
+    assert app.extensions["qwen"].card.wait_ready(60) == "ready"
+    yield app
+    app.extensions["qwen"].stop()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+# -- a real gunicorn ------------------------------------------------------------------------------------
+class LiveServer:
+    """gunicorn running scripts/gunicorn.conf.py on a free port, with its own config and instance folder."""
+
+    def __init__(self, workdir, config_settings, env=None):
+        import subprocess
+        import yaml
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path = self.workdir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config_settings))
+        self.log_path = self.workdir / "gunicorn.log"
+        self.env = dict(os.environ, QWEN_CHAT_CONFIG=str(self.config_path),
+                        QWEN_CHAT_INSTANCE=str(self.workdir / "instance"), **(env or {}))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", "scripts/gunicorn.conf.py", "--bind", "127.0.0.1:0"],
+            cwd=PROJECT_DIR, env=self.env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
+        self.url = "http://127.0.0.1:%d" % self._wait_for_port()
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def _wait_for_port(self, timeout=60):
+        import re
+        import time
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", self.log())
+            if match:
+                return int(match.group(1))
+            if self.proc.poll() is not None:
+                raise RuntimeError("gunicorn exited:\n" + self.log())
+            time.sleep(0.05)
+        raise RuntimeError("gunicorn did not start:\n" + self.log())
+
+    def wait_healthy(self, timeout=60):
+        import time
+        import httpx
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("the service never became healthy:\n" + self.log())
+
+    def worker_pids(self):
+        return children(self.proc.pid)
+
+    def runner_pids(self):
+        return [pid for worker in self.worker_pids() for pid in children(worker)]
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def children(pid):
+    """Direct children of a process, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """start_server(runner={...}, ...) -> a healthy LiveServer with those settings; stopped afterwards."""
+    servers = []
+
+    def start(wait=True, env=None, **sections):
+        server = LiveServer(tmp_path / f"server{len(servers)}", settings(**sections), env=env)
+        servers.append(server)
+        return server.wait_healthy() if wait else server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One shared gunicorn for a test module, on the emulated runner at full speed."""
+    server = LiveServer(tmp_path_factory.mktemp("server"), settings()).wait_healthy()
+    yield server
+    server.stop()

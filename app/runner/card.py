@@ -58,7 +58,8 @@ class Job:
         return self._cancelled.is_set()
 
     def next_event(self, timeout=None):
-        """("text", str) | ("done", GenerationResult) | ("error", exception); None when `timeout` passes."""
+        """("started", None) | ("text", str) | ("done", GenerationResult) | ("error", exception);
+        None when `timeout` passes."""
         try:
             return self._events.get(timeout=timeout)
         except queue.Empty:
@@ -219,6 +220,7 @@ class Card:
 
     def _serve(self, job):
         job.started_at = time.monotonic()
+        job._put("started", None)
         self.busy = True
         try:
             result = self.runner.generate(job.prompt_ids, max_tokens=job.max_tokens, stop=job.stop,

@@ -1,0 +1,81 @@
+"""What both APIs stand on: the tokenizer, its HTTP service for the runner, the card, the model's names."""
+import functools
+import logging
+import time
+from pathlib import Path
+
+from app.runner.card import Card
+from app.tokenizer.qwen import QwenTokenizer
+from app.tokenizer.service import TokenizerService
+
+log = logging.getLogger(__name__)
+
+
+class SetupError(Exception):
+    pass
+
+
+@functools.lru_cache(maxsize=2)
+def load_tokenizer(folder):
+    """One tokenizer per folder per process (it is read-only; apps created in tests share it)."""
+    if not (Path(folder) / "tokenizer.json").is_file():
+        raise SetupError(f"no tokenizer in {folder}: run scripts/setup (it builds one when the model "
+                         "repository is absent)")
+    return QwenTokenizer(folder)
+
+
+class Backend:
+    def __init__(self, settings, instance_path):
+        self.settings = settings
+        model = settings["model"]
+        self.model_name = model["name"]
+        self.aliases = {name.lower() for name in [model["name"], *model["aliases"]]}
+        self.tokenizer = load_tokenizer(model["tokenizer_dir"])
+        self.service = TokenizerService(self.tokenizer)
+        runner = settings["runner"]
+        self.card = Card(
+            self.tokenizer, self.service, model_dir=model["dir"], binary=runner["binary"],
+            workdir=Path(instance_path) / "runner", lock_path=Path(instance_path) / "card.lock",
+            sampling=settings["sampling"], emulator=runner["emulator"],
+            startup_timeout=runner["startup_timeout"], stall_timeout=runner["stall_timeout"],
+            backoff_initial=runner["backoff_initial"], backoff_max=runner["backoff_max"],
+            max_queue=settings["server"]["max_queue"])
+        self.started_at = time.monotonic()
+        self.created = int(time.time())
+
+    def start(self):
+        self.service.start()
+        self.card.start()
+        if self.card.emulated:
+            log.warning("EMULATED RUNNER: no LLM-8850 card is used; answers come from %s",
+                        self.card.program.description)
+        return self
+
+    def stop(self):
+        self.card.stop()
+        self.service.stop()
+
+    def knows_model(self, name):
+        return isinstance(name, str) and name.lower() in self.aliases
+
+    def health(self):
+        """(body, ok) for /health: judged from what the runner itself does and prints."""
+        card = self.card
+        model = {"ready": "loaded", "loading": "loading", "starting": "loading"}.get(card.state, "unavailable")
+        details = {
+            "tokenizer": "running" if self.service.running else "stopped",
+            "model": model,
+            "npu": card.npu,
+            "uptime_seconds": int(time.monotonic() - self.started_at),
+            "runner": card.program.description,
+            "queue_depth": card.queue_depth,
+            "restarts": card.restarts,
+        }
+        if model == "loading":
+            step, total = card.progress
+            details["progress"] = {"step": step, "total": total}
+        if card.reason:
+            details["reason" if card.state == "unavailable" else "last_error"] = card.reason
+        ok = details["tokenizer"] == "running" and model == "loaded"
+        status = "ok" if ok else ("loading" if model == "loading" else "unavailable")
+        return {"status": status, "details": details}, ok

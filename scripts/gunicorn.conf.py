@@ -1,0 +1,34 @@
+"""gunicorn settings for qwen-chat (scripts/serve and systemd/qwen-chat.service use this file).
+
+The address comes from the service's own configuration (server.host, server.port); a --bind on the
+command line wins. The app, and with it the runner, is created in the worker, never in the master.
+"""
+import sys
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_DIR))
+
+from app import config as qwen_config  # noqa: E402
+
+_server = qwen_config.load()["server"]
+
+wsgi_app = "wsgi:app"
+chdir = str(PROJECT_DIR)
+bind = [f"{_server['host']}:{_server['port']}"]
+# One card takes one runner, so one worker process. Its threads carry the requests waiting for the card
+# (and /health, which never waits).
+workers = 1
+worker_class = "gthread"
+threads = _server["threads"]
+# With gthread, `timeout` is the worker's heartbeat to the master, not a limit on a request: streams of
+# several minutes are fine. graceful_timeout bounds how long a stop waits for the running generation.
+timeout = 120
+graceful_timeout = 30
+keepalive = 75
+# gunicorn's control socket lives in $HOME by default; the service user has none, and we do not use it.
+control_socket_disable = True
+accesslog = "-"
+errorlog = "-"
+loglevel = "info"
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss'
