@@ -29,15 +29,19 @@ def create_app(test_config=None):
 
     from app.backend import Backend
     from app.errors import register_error_handlers
-    from app import health, openai_api
+    from app import auth, cors, health, ollama_api, openai_api, requestlog
 
     backend = Backend(settings, app.instance_path).start()
     app.extensions["qwen"] = backend
     atexit.register(backend.stop)
 
     register_error_handlers(app)
+    auth.init_app(app)
+    cors.init_app(app)         # before auth: preflights carry no key
+    requestlog.init_app(app)   # first of all: every request gets an id, errors included
     app.register_blueprint(health.bp)
     app.register_blueprint(openai_api.bp)
+    app.register_blueprint(ollama_api.bp)
     logging.getLogger(__name__).info("configuration from %s; model %s", settings["source"],
                                      settings["model"]["name"])
     return app

@@ -56,7 +56,11 @@ class Backend:
         self.service.stop()
 
     def knows_model(self, name):
-        return isinstance(name, str) and name.lower() in self.aliases
+        """The configured name or an alias, in any case; Ollama clients may add the default tag ":latest"."""
+        if not isinstance(name, str):
+            return False
+        name = name.lower()
+        return name in self.aliases or (name.endswith(":latest") and name[:-len(":latest")] in self.aliases)
 
     def health(self):
         """(body, ok) for /health: judged from what the runner itself does and prints."""

@@ -2,6 +2,7 @@
 built-in defaults; validated at start, one clear line per problem.
 
     python -m app.config [KEY]   prints the resolved configuration (or one dotted key), or the problems
+    python -m app.config --check prints nothing and exits 0 when the configuration is valid
 """
 import os
 import sys
@@ -97,6 +98,8 @@ def main(argv):
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if argv and argv[0] == "--check":
+        return 0
     if argv:
         value = settings
         for part in argv[0].split("."):

@@ -52,7 +52,7 @@ def card_error(exc):
 class CardRun:
     """Submit, wait for the card, then read events. Use as a context manager: leaving it cancels the job."""
 
-    def __init__(self, backend, prompt_ids, max_tokens, stop, client_gone=lambda: False):
+    def __init__(self, backend, prompt_ids, max_tokens, stop, client_gone=lambda: False, record=None):
         settings = backend.settings
         self.backend = backend
         self.prompt_ids = prompt_ids
@@ -64,6 +64,9 @@ class CardRun:
         self.heartbeat = settings["generation"]["heartbeat_seconds"]
         self.job = None
         self.timed_out = False
+        self.record = record  # the request's RequestRecord (requestlog.py), filled in as things happen
+        if record is not None:
+            record.prompt_tokens = len(prompt_ids)
 
     def __enter__(self):
         return self
@@ -84,6 +87,8 @@ class CardRun:
             if event is not None:
                 kind, value = event
                 if kind == "started":
+                    if self.record is not None:
+                        self.record.queue_wait = time.monotonic() - self.record.received
                     return self
                 if kind == "error":
                     raise card_error(value)
@@ -111,6 +116,7 @@ class CardRun:
                     raise card_error(value)
                 if kind == "done" and value.finish_reason == "cancelled" and self.timed_out:
                     value.finish_reason = "length"  # the wall-clock limit ends a generation like max_tokens
+                self._note(kind, value, now)
                 last_event = now
                 yield kind, value
                 if kind == "done":
@@ -127,6 +133,16 @@ class CardRun:
             if now - last_event >= self.heartbeat:
                 last_event = now
                 yield "heartbeat", None
+
+    def _note(self, kind, value, now):
+        record = self.record
+        if record is None:
+            return
+        if kind == "text" and record.ttft is None:
+            record.ttft = now - record.received
+        elif kind == "done":
+            record.completion_tokens = value.completion_tokens
+            record.finish_reason = value.finish_reason
 
     def result(self):
         """Run to the end and return the GenerationResult (non-streamed requests)."""

@@ -7,6 +7,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from app.errors import APIError
 from app.generation import CardRun, ClientGone, client_probe
+from app.requestlog import current_record, note_prompt
 from app.runner.protocol import MAX_TOKEN_LEN
 from app.schemas import CHAT_COMPLETION_REQUEST, COMPLETION_REQUEST
 
@@ -70,10 +71,12 @@ def chat_completions():
     body = CHAT_COMPLETION_REQUEST.load(read_json())
     check_model(body["model"])
     be = backend()
-    prompt_ids = be.tokenizer.chat_ids(template_messages(body["messages"]))
+    messages = template_messages(body["messages"])
+    note_prompt(messages[-1]["content"])
+    prompt_ids = be.tokenizer.chat_ids(messages)
     check_context(prompt_ids, "messages")
     run = CardRun(be, prompt_ids, body["max_completion_tokens"] or body["max_tokens"], body["stop"],
-                  client_probe(request.environ))
+                  client_probe(request.environ), current_record())
     reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", be.model_name)
     if body["stream"]:
         include_usage = bool((body["stream_options"] or {}).get("include_usage"))
@@ -103,8 +106,10 @@ def completions():
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param="prompt")
     check_context(prompt_ids, "prompt")
+    note_prompt(prompt if isinstance(prompt, str) else be.tokenizer.decode(prompt_ids))
     echo = be.tokenizer.decode(prompt_ids) if body["echo"] else ""
-    run = CardRun(be, prompt_ids, body["max_tokens"], body["stop"], client_probe(request.environ))
+    run = CardRun(be, prompt_ids, body["max_tokens"], body["stop"], client_probe(request.environ),
+                  current_record())
     reply = Reply(f"cmpl-{uuid.uuid4().hex}", be.model_name, echo)
     if body["stream"]:
         include_usage = bool((body["stream_options"] or {}).get("include_usage"))

@@ -291,3 +291,99 @@ class CompletionRequest(_Sampling):
 
 CHAT_COMPLETION_REQUEST = ChatCompletionRequest()
 COMPLETION_REQUEST = CompletionRequest()
+
+
+# -- Ollama (docs/api.md) --------------------------------------------------------------------------------
+class OllamaOptions(_Lenient):
+    """Ollama's `options`. Only these change what we do; the sampling ones are fixed when the runner starts
+    and every other option is accepted and ignored, as Ollama itself ignores unknown ones."""
+    num_predict = fields.Integer(strict=True, load_default=None, allow_none=True)
+    num_ctx = fields.Integer(strict=True, load_default=None, allow_none=True, validate=validate.Range(min=1))
+    stop = StopField(load_default=list)
+    temperature = fields.Float(load_default=None, allow_none=True)
+    top_k = fields.Integer(strict=True, load_default=None, allow_none=True)
+    top_p = fields.Float(load_default=None, allow_none=True)
+    repeat_penalty = fields.Float(load_default=None, allow_none=True)
+    seed = fields.Integer(strict=True, load_default=None, allow_none=True)
+
+
+class OllamaToolCallFunction(_Lenient):
+    name = fields.String(required=True)
+    arguments = fields.Dict(load_default=dict)
+
+
+class OllamaToolCall(_Lenient):
+    function = fields.Nested(OllamaToolCallFunction, required=True)
+
+
+class OllamaMessage(_Lenient):
+    role = fields.String(required=True, validate=validate.OneOf(("system", "user", "assistant", "tool")))
+    content = fields.String(load_default="", allow_none=True)
+    images = fields.List(fields.Raw(), load_default=None, allow_none=True)
+    tool_calls = fields.List(fields.Nested(OllamaToolCall), load_default=None, allow_none=True)
+    tool_name = fields.String(load_default=None, allow_none=True)
+
+    @validates_schema
+    def _text_only(self, data, **kwargs):
+        if data.get("images"):
+            raise ValidationError("this model reads text only; images are not supported", "images")
+
+
+class _OllamaRequest(_Lenient):
+    model = fields.String(required=True, validate=validate.Length(min=1))
+    stream = JsonBool(load_default=True)
+    options = fields.Nested(OllamaOptions, load_default=None, allow_none=True)
+    keep_alive = fields.Raw(load_default=None, allow_none=True)
+    format = fields.Raw(load_default=None, allow_none=True)
+    think = fields.Raw(load_default=None, allow_none=True)
+    logprobs = fields.Raw(load_default=None, allow_none=True)
+
+    @validates_schema
+    def _unsupported(self, data, **kwargs):
+        if data.get("logprobs"):
+            raise ValidationError("logprobs are not supported by this server", "logprobs")
+        if data.get("format") not in (None, ""):
+            raise ValidationError("structured outputs are not supported: the card's output cannot be "
+                                  "constrained", "format")
+        if data.get("think") not in (None, False):
+            raise ValidationError("this model does not support thinking", "think")
+
+
+class OllamaChatRequest(_OllamaRequest):
+    messages = fields.List(fields.Nested(OllamaMessage), load_default=list)
+    tools = fields.List(fields.Nested(Tool), load_default=None, allow_none=True)
+
+
+class OllamaGenerateRequest(_OllamaRequest):
+    prompt = fields.String(load_default="", allow_none=True)
+    system = fields.String(load_default=None, allow_none=True)
+    raw = JsonBool(load_default=False)
+    context = fields.List(fields.Integer(strict=True), load_default=None, allow_none=True)
+    images = fields.List(fields.Raw(), load_default=None, allow_none=True)
+    suffix = fields.String(load_default=None, allow_none=True)
+    template = fields.String(load_default=None, allow_none=True)
+
+    @validates_schema
+    def _generate_features(self, data, **kwargs):
+        if data.get("images"):
+            raise ValidationError("this model reads text only; images are not supported", "images")
+        if data.get("suffix"):
+            raise ValidationError("suffix (fill-in-the-middle) is not supported", "suffix")
+        if data.get("template"):
+            raise ValidationError("custom templates are not supported; the model's own chat template is used "
+                                  "(or raw: true for none)", "template")
+
+
+class OllamaModelRequest(_Lenient):
+    model = fields.String(load_default=None, allow_none=True)
+    name = fields.String(load_default=None, allow_none=True)  # the older spelling
+
+    @validates_schema
+    def _named(self, data, **kwargs):
+        if not (data.get("model") or data.get("name")):
+            raise ValidationError("model is required", "model")
+
+
+OLLAMA_CHAT_REQUEST = OllamaChatRequest()
+OLLAMA_GENERATE_REQUEST = OllamaGenerateRequest()
+OLLAMA_MODEL_REQUEST = OllamaModelRequest()

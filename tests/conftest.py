@@ -198,3 +198,20 @@ def server(tmp_path_factory):
     server = LiveServer(tmp_path_factory.mktemp("server"), settings()).wait_healthy()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def make_app(tmp_path):
+    """make_app(server={...}, runner={...}) -> an app with those settings (its runner stopped afterwards)."""
+    from app import create_app
+    apps = []
+
+    def make(**sections):
+        app = create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path / f"instance{len(apps)}"),
+                          "SETTINGS": settings(**sections)})
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["qwen"].stop()

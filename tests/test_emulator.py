@@ -13,7 +13,7 @@ from app.runner import protocol
 from app.runner.driver import _child_setup
 from conftest import EMULATOR, PROJECT_DIR, emulator_env
 
-FIXTURE = PROJECT_DIR.parent / "shared" / "fixtures" / "main_axcl_session.log"
+FIXTURE = PROJECT_DIR / "tests" / "fixtures" / "main_axcl_session.log"  # raw bytes from real hardware
 FIXTURE_SAMPLING = {  # the load config the fixture's session printed
     "enable_repetition_penalty": False, "enable_temperature": True, "enable_top_k_sampling": True,
     "enable_top_p_sampling": False, "penalty_window": 20, "repetition_penalty": 1.2, "temperature": 0.9,

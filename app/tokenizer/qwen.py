@@ -29,6 +29,10 @@ class QwenTokenizer:
     def __len__(self):
         return self._vocab_size
 
+    @property
+    def chat_template(self):
+        return self._tok.chat_template
+
     # -- text -> ids ---------------------------------------------------------------------------
     def encode(self, text):
         """Ids of raw text; special-token markup in the text is read as the special tokens."""

@@ -1,0 +1,45 @@
+"""CORS for browser clients, off by default: server.cors_origins lists the allowed origins ("*" for any)."""
+from flask import current_app, request
+
+ALLOWED_HEADERS = "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project"
+ALLOWED_METHODS = "GET, POST, HEAD, OPTIONS"
+
+
+def _allowed_origin():
+    origin = request.headers.get("Origin")
+    origins = current_app.config["QWEN"]["server"]["cors_origins"]
+    if not origin or not origins:
+        return None
+    if "*" in origins:
+        return "*"
+    return origin if origin in origins else None
+
+
+def preflight():
+    """Answer a CORS preflight ourselves (no auth, no body)."""
+    if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+        origin = _allowed_origin()
+        if origin is None:
+            return current_app.response_class(status=403)
+        response = current_app.response_class(status=204)
+        response.headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS
+        response.headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
+        response.headers["Access-Control-Max-Age"] = "600"
+        return response
+    return None
+
+
+def add_headers(response):
+    origin = _allowed_origin()
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
+        if origin != "*":
+            response.vary.add("Origin")
+    return response
+
+
+def init_app(app):
+    # Before auth: a preflight never carries the Authorization header.
+    app.before_request_funcs.setdefault(None, []).insert(0, preflight)
+    app.after_request(add_headers)

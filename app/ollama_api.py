@@ -1,0 +1,254 @@
+"""Ollama's native API (docs/api.md) over the same runner, lock and tokenizer: /api/chat, /api/generate,
+/api/tags, /api/show, /api/ps, /api/version, and `GET /` answering "Ollama is running"."""
+import hashlib
+import json
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from app.errors import APIError
+from app.generation import CardRun, ClientGone, client_probe
+from app.requestlog import current_record, note_prompt
+from app.openai_api import read_json
+from app.runner.protocol import MAX_TOKEN_LEN
+from app.schemas import OLLAMA_CHAT_REQUEST, OLLAMA_GENERATE_REQUEST, OLLAMA_MODEL_REQUEST
+
+bp = Blueprint("ollama", __name__)
+
+# The Ollama API level this server follows (clients compare it to decide what they may send).
+OLLAMA_VERSION = "0.11.0"
+NDJSON = "application/x-ndjson"
+
+
+def backend():
+    return current_app.extensions["qwen"]
+
+
+def now_iso():
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def ns(seconds):
+    return int(seconds * 1e9)
+
+
+def check_model(name):
+    if not backend().knows_model(name):
+        raise APIError(404, f'model "{name}" not found, try pulling it first')
+
+
+def max_tokens(options):
+    """num_predict: absent -> the configured default; -1 (forever) or -2 (fill the context) -> the window."""
+    num_predict = options.get("num_predict")
+    if num_predict is not None and num_predict < 0:
+        return MAX_TOKEN_LEN
+    return num_predict
+
+
+def check_context(prompt_ids, options):
+    window = min(options.get("num_ctx") or MAX_TOKEN_LEN, MAX_TOKEN_LEN)
+    if len(prompt_ids) > window:
+        raise APIError(400, f"the prompt is {len(prompt_ids)} tokens, more than the context window of {window} "
+                       f"tokens (this model's window is {MAX_TOKEN_LEN}); shorten the conversation")
+
+
+def load_reply(model, keep_alive, **empty):
+    """An empty prompt (or no messages) is how Ollama clients ask for the model to be loaded: answer at once."""
+    reason = "unload" if keep_alive in (0, "0", "0s", "0m") else "load"
+    return jsonify({"model": model, "created_at": now_iso(), **empty, "done": True, "done_reason": reason})
+
+
+class OllamaReply:
+    """Ollama's objects for one answer: `field` is "message" (chat) or "response" (generate)."""
+
+    def __init__(self, model, field, received):
+        self.model = model
+        self.field = field
+        self.received = received
+
+    def piece(self, text):
+        value = {"role": "assistant", "content": text} if self.field == "message" else text
+        return {"model": self.model, "created_at": now_iso(), self.field: value, "done": False}
+
+    def final(self, result, text, waited, extra=None):
+        body = self.piece(text)
+        body.update({
+            "done": True,
+            "done_reason": result.finish_reason,
+            "total_duration": ns(time.monotonic() - self.received),
+            # The time before the card took the request (waiting in line, or for the runner to load).
+            "load_duration": ns(waited),
+            "prompt_eval_count": result.prompt_tokens,
+            "prompt_eval_duration": ns(result.prompt_seconds),
+            "eval_count": result.completion_tokens,
+            "eval_duration": ns(result.generation_seconds),
+        })
+        body.update(extra or {})
+        return body
+
+
+def line(obj):
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def answer(run, reply, stream, extra=lambda result: None):
+    """Run the job; one JSON object, or NDJSON lines ending with the `done` one."""
+    try:
+        run.start()
+    except ClientGone:
+        return Response(status=499)
+    waited = time.monotonic() - reply.received
+    if not stream:
+        with run:
+            try:
+                result = run.result()
+            except ClientGone:
+                return Response(status=499)
+        return jsonify(reply.final(result, result.text, waited, extra(result)))
+
+    def body():
+        try:
+            for kind, value in run.events():
+                if kind == "text":
+                    yield line(reply.piece(value))
+                elif kind == "done":
+                    yield line(reply.final(value, "", waited, extra(value)))
+        except APIError as error:
+            yield line(error.ollama_body())
+        except ClientGone:
+            return
+
+    response = Response(body(), mimetype=NDJSON)
+    response.call_on_close(lambda: run.__exit__(None, None, None))
+    return response
+
+
+@bp.post("/api/chat")
+def chat():
+    received = time.monotonic()
+    body = OLLAMA_CHAT_REQUEST.load(read_json())
+    check_model(body["model"])
+    be = backend()
+    if not body["messages"]:
+        return load_reply(body["model"], body["keep_alive"], message={"role": "assistant", "content": ""})
+    options = body["options"] or {}
+    messages = [{"role": m["role"], "content": m["content"] or ""} for m in body["messages"]]
+    note_prompt(messages[-1]["content"])
+    prompt_ids = be.tokenizer.chat_ids(messages)
+    check_context(prompt_ids, options)
+    run = CardRun(be, prompt_ids, max_tokens(options), options.get("stop", []), client_probe(request.environ),
+                  current_record())
+    return answer(run, OllamaReply(body["model"], "message", received), body["stream"])
+
+
+@bp.post("/api/generate")
+def generate():
+    received = time.monotonic()
+    body = OLLAMA_GENERATE_REQUEST.load(read_json())
+    check_model(body["model"])
+    be = backend()
+    if not body["prompt"]:
+        return load_reply(body["model"], body["keep_alive"], response="")
+    options = body["options"] or {}
+    if body["raw"]:
+        prompt_ids = be.tokenizer.encode(body["prompt"])
+    else:
+        messages = [{"role": "system", "content": body["system"]}] if body["system"] else []
+        prompt_ids = be.tokenizer.chat_ids(messages + [{"role": "user", "content": body["prompt"]}])
+    context = body["context"] or []
+    if not all(be.tokenizer.valid_id(i) for i in context):
+        raise APIError(400, "context holds token ids outside the vocabulary")
+    prompt_ids = context + prompt_ids  # a conversation continued from an earlier answer's context
+    check_context(prompt_ids, options)
+    note_prompt(body["prompt"])
+    run = CardRun(be, prompt_ids, max_tokens(options), options.get("stop", []), client_probe(request.environ),
+                  current_record())
+    reply = OllamaReply(body["model"], "response", received)
+    return answer(run, reply, body["stream"], extra=lambda result: {"context": prompt_ids + result.ids})
+
+
+# -- models ------------------------------------------------------------------------------------------------
+def model_size():
+    model_dir = Path(backend().settings["model"]["dir"])
+    if not model_dir.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file() and ".git" not in p.parts)
+
+
+def model_entry():
+    be = backend()
+    digest = hashlib.sha256(f"{be.model_name}@{be.settings['model']['dir']}".encode()).hexdigest()
+    modified = datetime.fromtimestamp(be.created, timezone.utc).isoformat().replace("+00:00", "Z")
+    return {"name": be.model_name, "model": be.model_name, "modified_at": modified, "size": model_size(),
+            "digest": digest, "details": {
+                "parent_model": "", "format": "axmodel", "family": "qwen2", "families": ["qwen2"],
+                "parameter_size": "1.5B", "quantization_level": "GPTQ-Int4"}}
+
+
+@bp.get("/api/tags")
+def tags():
+    return jsonify({"models": [model_entry()]})
+
+
+@bp.get("/api/ps")
+def running():
+    """The model is "running" while the runner holds it on the card."""
+    if backend().card.state != "ready":
+        return jsonify({"models": []})
+    entry = model_entry()
+    expires = (datetime.now(timezone.utc) + timedelta(days=365)).isoformat().replace("+00:00", "Z")
+    entry.pop("modified_at")
+    entry.update({"expires_at": expires, "size_vram": entry["size"]})
+    return jsonify({"models": [entry]})
+
+
+@bp.post("/api/show")
+def show():
+    body = OLLAMA_MODEL_REQUEST.load(read_json())
+    check_model(body["model"] or body["name"])
+    be = backend()
+    entry = model_entry()
+    sampling = be.settings["sampling"]
+    parameters = "\n".join(f"{name:<20} {value}" for name, value in [
+        ("temperature", sampling["temperature"]), ("top_k", sampling["top_k"]), ("top_p", sampling["top_p"]),
+        ("repeat_penalty", sampling["repetition_penalty"]), ("num_ctx", MAX_TOKEN_LEN),
+        ("stop", '"<|im_end|>"')] if value is not None)
+    template = be.tokenizer.chat_template
+    return jsonify({
+        "license": "Apache License 2.0 (Qwen2.5-1.5B-Instruct)",
+        "modelfile": f"# qwen-chat serves {be.model_name} on the LLM-8850 card\nFROM {be.settings['model']['dir']}\n",
+        "parameters": parameters,
+        "template": template,
+        "details": entry["details"],
+        "model_info": {"general.architecture": "qwen2", "general.basename": "Qwen2.5",
+                       "general.parameter_count": 1_543_714_304, "general.quantization_version": 2,
+                       "qwen2.context_length": MAX_TOKEN_LEN, "qwen2.block_count": 28,
+                       "qwen2.embedding_length": 1536, "tokenizer.ggml.model": "gpt2"},
+        "capabilities": ["completion", "tools"],
+        "modified_at": entry["modified_at"],
+    })
+
+
+@bp.get("/api/version")
+def version():
+    return jsonify({"version": OLLAMA_VERSION})
+
+
+@bp.post("/api/pull")
+def pull():
+    """The model is already here: answer as Ollama does for a model that is up to date."""
+    body = OLLAMA_MODEL_REQUEST.load(read_json())
+    check_model(body["model"] or body["name"])
+    return jsonify({"status": "success"})
+
+
+@bp.route("/api/<any(create, copy, delete, push, embed, embeddings, blobs):what>", methods=["POST", "DELETE", "HEAD"])
+def unsupported(what):
+    raise APIError(501, f"/api/{what} is not supported by this server: it serves one fixed model on the NPU card")
+
+
+@bp.route("/", methods=["GET", "HEAD"])
+def root():
+    return Response("Ollama is running", mimetype="text/plain")

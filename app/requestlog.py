@@ -1,0 +1,82 @@
+"""One log line per request, written when the response has been sent (streams included), with a request id
+echoed in X-Request-Id (nginx's, or ours). Prompt text is never logged unless server.log_prompts says so."""
+import logging
+import re
+import time
+import uuid
+
+from flask import current_app, g, request
+
+log = logging.getLogger("qwen_chat.requests")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestRecord:
+    """What one request did; the views and CardRun fill it in, observers read it when the response closes."""
+
+    def __init__(self, request_id, method, path, endpoint):
+        self.id = request_id
+        self.method = method
+        self.path = path
+        self.endpoint = endpoint
+        self.received = time.monotonic()
+        self.status = None
+        self.prompt_tokens = None
+        self.completion_tokens = None
+        self.queue_wait = None        # seconds until the card took the request
+        self.ttft = None              # seconds from arrival to the first text
+        self.finish_reason = None
+        self.prompt_text = None
+
+    def line(self):
+        def seconds(value):
+            return "-" if value is None else f"{value:.3f}s"
+        fields = [f"id={self.id}", f"{self.method} {self.path}", f"status={self.status}",
+                  f"prompt_tokens={'-' if self.prompt_tokens is None else self.prompt_tokens}",
+                  f"completion_tokens={'-' if self.completion_tokens is None else self.completion_tokens}",
+                  f"queue_wait={seconds(self.queue_wait)}", f"ttft={seconds(self.ttft)}",
+                  f"duration={seconds(time.monotonic() - self.received)}"]
+        if self.finish_reason:
+            fields.append(f"finish={self.finish_reason}")
+        if self.prompt_text is not None:
+            fields.append(f"prompt={self.prompt_text!r}")
+        return " ".join(fields)
+
+
+def current_record():
+    return g.get("record")
+
+
+def note_prompt(text):
+    """Remember the prompt text for the log line, only when the operator asked for it."""
+    record = current_record()
+    if record is not None and current_app.config["QWEN"]["server"]["log_prompts"]:
+        record.prompt_text = text
+
+
+def start_record():
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+    g.record = RequestRecord(request_id, request.method, request.path, request.url_rule.rule
+                             if request.url_rule else "unmatched")
+
+
+def finish_record(response):
+    record = g.get("record")
+    if record is None:
+        return response
+    record.status = response.status_code
+    response.headers["X-Request-Id"] = record.id
+    observers = current_app.extensions["qwen_request_observers"]
+
+    def closed():
+        for observe in observers:
+            observe(record)
+    response.call_on_close(closed)
+    return response
+
+
+def init_app(app):
+    app.extensions["qwen_request_observers"] = [lambda record: log.info("%s", record.line())]
+    app.before_request_funcs.setdefault(None, []).insert(0, start_record)
+    app.after_request(finish_record)
