@@ -242,3 +242,36 @@ def test_health_when_ready(client):
     details = body["details"]
     assert details["tokenizer"] == "running" and details["model"] == "loaded" and details["npu"] == "emulated"
     assert isinstance(details["uptime_seconds"], int)
+
+
+def test_heartbeats_while_the_card_reads_a_long_prompt(make_app):
+    app = make_app(runner={"emulator": {"token_ms": 40}}, generation={"heartbeat_seconds": 0.2})
+    assert app.extensions["qwen"].card.wait_ready(60) == "ready"
+    # ~130 prompt tokens at 40 ms: about 5 s before the first output token.
+    response = chat(app.test_client(), stream=True, max_tokens=2,
+                    messages=[{"role": "user", "content": "7" * 100}])
+    body = response.get_data(as_text=True)
+    before_text = body.split('"content":"Emulated')[0]
+    assert before_text.count(": keep-alive\n\n") >= 5
+    assert body.endswith("data: [DONE]\n\n")
+
+
+def test_an_error_after_the_stream_started_is_an_event(make_app):
+    app = make_app(runner={"emulator": {"fault": "crash:4"}})
+    assert app.extensions["qwen"].card.wait_ready(60) == "ready"
+    response = chat(app.test_client(), stream=True)
+    assert response.status_code == 200
+    events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    error = events[-2]["error"]
+    assert error["type"] == "service_unavailable" and error["code"] == "card_dead"
+    assert "device 1 is dead" in error["message"]
+    assert any(e["choices"][0]["delta"].get("content") for e in events[:-2])  # text came first
+
+
+def test_an_error_before_the_stream_is_a_plain_http_error(make_app, tmp_path):
+    app = make_app(runner={"emulator": {"fault": "start_fail"}})
+    assert app.extensions["qwen"].card.wait_ready(60) == "unavailable"
+    response = chat(app.test_client(), stream=True)
+    error = assert_openai_error(response, 503, code="card_unavailable")
+    assert "Set AXCL device failed" in error["message"]
