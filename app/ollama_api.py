@@ -14,6 +14,7 @@ from app.requestlog import current_record, note_prompt
 from app.openai_api import read_json
 from app.runner.protocol import MAX_TOKEN_LEN
 from app.schemas import OLLAMA_CHAT_REQUEST, OLLAMA_GENERATE_REQUEST, OLLAMA_MODEL_REQUEST
+from app.tools import output_parser, tool_names
 
 bp = Blueprint("ollama", __name__)
 
@@ -61,19 +62,40 @@ def load_reply(model, keep_alive, **empty):
 
 
 class OllamaReply:
-    """Ollama's objects for one answer: `field` is "message" (chat) or "response" (generate)."""
+    """Ollama's objects for one answer: `field` is "message" (chat) or "response" (generate). Chat answers
+    go through the tool-call parser when tools were offered: calls come out as message.tool_calls (arguments
+    as objects), never as <tool_call> markup in the content."""
 
-    def __init__(self, model, field, received):
+    def __init__(self, model, field, received, tools=()):
         self.model = model
         self.field = field
         self.received = received
+        self.parser = output_parser(tools)
+        self.calls = 0
 
-    def piece(self, text):
-        value = {"role": "assistant", "content": text} if self.field == "message" else text
+    def _object(self, content, calls=()):
+        if self.field == "message":
+            value = {"role": "assistant", "content": content}
+            if calls:
+                value["tool_calls"] = [call.ollama(index) for index, call in calls]
+        else:
+            value = content
         return {"model": self.model, "created_at": now_iso(), self.field: value, "done": False}
 
-    def final(self, result, text, waited, extra=None):
-        body = self.piece(text)
+    def _numbered(self, call):
+        self.calls += 1
+        return self.calls - 1, call
+
+    def pieces(self, events):
+        """Streamed objects for parser events: one per content piece, one per tool call."""
+        return [self._object(value) if kind == "content" else self._object("", [self._numbered(value)])
+                for kind, value in events]
+
+    def final(self, result, waited, extra=None, events=()):
+        """The done object; for a whole answer, `events` are all of it (content and calls)."""
+        content = "".join(value for kind, value in events if kind == "content")
+        calls = [self._numbered(value) for kind, value in events if kind == "call"]
+        body = self._object(content, calls)
         body.update({
             "done": True,
             "done_reason": result.finish_reason,
@@ -106,15 +128,17 @@ def answer(run, reply, stream, extra=lambda result: None):
                 result = run.result()
             except ClientGone:
                 return Response(status=499)
-        return jsonify(reply.final(result, result.text, waited, extra(result)))
+        events = reply.parser.feed(result.text) + reply.parser.finish()
+        return jsonify(reply.final(result, waited, extra(result), events))
 
     def body():
         try:
             for kind, value in run.events():
                 if kind == "text":
-                    yield line(reply.piece(value))
+                    yield b"".join(line(obj) for obj in reply.pieces(reply.parser.feed(value)))
                 elif kind == "done":
-                    yield line(reply.final(value, "", waited, extra(value)))
+                    yield b"".join(line(obj) for obj in reply.pieces(reply.parser.finish()))
+                    yield line(reply.final(value, waited, extra(value)))
         except APIError as error:
             yield line(error.ollama_body())
         except ClientGone:
@@ -125,22 +149,37 @@ def answer(run, reply, stream, extra=lambda result: None):
     return response
 
 
+def template_messages(messages):
+    """Ollama messages as the chat template reads them (tool calls' arguments are already objects)."""
+    out = []
+    for message in messages:
+        entry = {"role": message["role"], "content": message["content"] or ""}
+        if message["tool_calls"]:
+            entry["tool_calls"] = [{"type": "function", "function": call["function"]}
+                                   for call in message["tool_calls"]]
+        out.append(entry)
+    return out
+
+
 @bp.post("/api/chat")
 def chat():
     received = time.monotonic()
-    body = OLLAMA_CHAT_REQUEST.load(read_json())
+    raw = read_json()
+    body = OLLAMA_CHAT_REQUEST.load(raw)
     check_model(body["model"])
     be = backend()
     if not body["messages"]:
         return load_reply(body["model"], body["keep_alive"], message={"role": "assistant", "content": ""})
     options = body["options"] or {}
-    messages = [{"role": m["role"], "content": m["content"] or ""} for m in body["messages"]]
+    messages = template_messages(body["messages"])
     note_prompt(messages[-1]["content"])
-    prompt_ids = be.tokenizer.chat_ids(messages)
+    tools = raw.get("tools") if body["tools"] else None
+    prompt_ids = be.tokenizer.chat_ids(messages, tools)
     check_context(prompt_ids, options)
     run = CardRun(be, prompt_ids, max_tokens(options), options.get("stop", []), client_probe(request.environ),
                   current_record())
-    return answer(run, OllamaReply(body["model"], "message", received), body["stream"])
+    reply = OllamaReply(body["model"], "message", received, tool_names(body["tools"]))
+    return answer(run, reply, body["stream"])
 
 
 @bp.post("/api/generate")

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models."""
+"""The OpenAI-compatible API: /v1/chat/completions (tools included), /v1/completions, /v1/models."""
 import json
+import logging
 import time
 import uuid
 
@@ -10,12 +11,15 @@ from app.generation import CardRun, ClientGone, client_probe
 from app.requestlog import current_record, note_prompt
 from app.runner.protocol import MAX_TOKEN_LEN
 from app.schemas import CHAT_COMPLETION_REQUEST, COMPLETION_REQUEST
+from app.tools import output_parser, required_instruction, template_tool_calls, tool_names
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
+log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 HEARTBEAT = b": keep-alive\n\n"
 DONE = b"data: [DONE]\n\n"
+ARGUMENT_FRAGMENT = 32  # streamed tool-call arguments arrive in pieces of this many characters
 
 
 def backend():
@@ -56,37 +60,167 @@ def sse(obj):
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
+def include_usage(body):
+    return bool((body["stream_options"] or {}).get("include_usage"))
+
+
+# -- chat --------------------------------------------------------------------------------------------------
 def template_messages(messages):
-    """Request messages as the chat template reads them ("developer" is OpenAI's newer name for system)."""
-    out = []
-    for message in messages:
+    """Request messages as the chat template reads them.
+
+    "developer" is OpenAI's newer name for system. Assistant tool calls get their arguments as objects, and
+    each run of tool results is checked against, and put in the order of, the calls it answers (the
+    template's <tool_response> turns carry no ids: order is all the model sees).
+    """
+    out, call_ids, run_start = [], [], None
+    for i, message in enumerate(messages):
         role = "system" if message["role"] == "developer" else message["role"]
-        out.append({"role": role, "content": message["content"] or ""})
+        entry = {"role": role, "content": message["content"] or ""}
+        if role == "assistant" and message["tool_calls"]:
+            entry["tool_calls"] = template_tool_calls(message["tool_calls"])
+            call_ids = [call["id"] for call in message["tool_calls"]]
+        if role == "tool":
+            if message["tool_call_id"] not in call_ids:
+                raise APIError(400, f"messages[{i}] answers tool call {message['tool_call_id']!r}, which no "
+                               "preceding assistant message made.", param=f"messages[{i}].tool_call_id")
+            entry["order"] = call_ids.index(message["tool_call_id"])
+            run_start = len(out) if run_start is None else run_start
+        elif run_start is not None:
+            out[run_start:] = sorted(out[run_start:], key=lambda e: e.pop("order"))
+            run_start = None
+        out.append(entry)
+    if run_start is not None:
+        out[run_start:] = sorted(out[run_start:], key=lambda e: e.pop("order"))
     return out
 
 
-# -- chat ------------------------------------------------------------------------------------------------
+def chat_tools(raw, body):
+    """The tools to render (as the client sent them) and the tool_choice instruction, if any."""
+    tools, choice = raw.get("tools") if body["tools"] else None, body["tool_choice"]
+    if choice == "none" or not tools:
+        if choice not in (None, "none", "auto"):
+            raise APIError(400, "`tool_choice` needs `tools`.", param="tool_choice")
+        return None, None
+    if isinstance(choice, dict) and choice["function"]["name"] not in tool_names(body["tools"]):
+        raise APIError(400, f"`tool_choice` names {choice['function']['name']!r}, which is not among the tools.",
+                       param="tool_choice")
+    return tools, required_instruction(choice)
+
+
 @bp.post("/chat/completions")
 def chat_completions():
-    body = CHAT_COMPLETION_REQUEST.load(read_json())
+    raw = read_json()
+    body = CHAT_COMPLETION_REQUEST.load(raw)
     check_model(body["model"])
     be = backend()
     messages = template_messages(body["messages"])
-    note_prompt(messages[-1]["content"])
-    prompt_ids = be.tokenizer.chat_ids(messages)
+    tools, instruction = chat_tools(raw, body)
+    if instruction:
+        messages.append({"role": "system", "content": instruction})
+    note_prompt(next((m["content"] for m in reversed(messages) if m["role"] in ("user", "tool")), ""))
+    prompt_ids = be.tokenizer.chat_ids(messages, tools)
     check_context(prompt_ids, "messages")
     run = CardRun(be, prompt_ids, body["max_completion_tokens"] or body["max_tokens"], body["stop"],
                   client_probe(request.environ), current_record())
-    reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", be.model_name)
+    reply = ChatReply(be.model_name, tool_names(body["tools"]) if tools else [], body["tool_choice"])
     if body["stream"]:
-        include_usage = bool((body["stream_options"] or {}).get("include_usage"))
-        return stream(run, reply.chat_chunks(include_usage))
+        return stream(run, reply.writer(include_usage(body)))
     with run:
         try:
             result = run.start().result()
         except ClientGone:
             return Response(status=499)
-    return jsonify(reply.chat(result))
+    return jsonify(reply.whole(result))
+
+
+class ChatReply:
+    """chat.completion objects for one answer, whole or as chunks; one id for all of them."""
+
+    def __init__(self, model, tools, tool_choice):
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.model = model
+        self.created = int(time.time())
+        self.tools = tools
+        self.tool_choice = tool_choice
+
+    def _base(self, obj):
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def finish_reason(self, result, called):
+        if called and result.finish_reason == "stop":
+            return "tool_calls"
+        if not called and self.tool_choice not in (None, "auto", "none") and self.tools:
+            # Nothing can force this runner to call a tool: the answer is returned as the model gave it.
+            log.warning("tool_choice %r asked for a tool call; the model answered without one", self.tool_choice)
+        return result.finish_reason
+
+    def whole(self, result):
+        parser = output_parser(self.tools)
+        content, calls = [], []
+        for kind, value in parser.feed(result.text) + parser.finish():
+            (content if kind == "content" else calls).append(value)
+        message = {"role": "assistant", "content": "".join(content) if content or not self.tools else None,
+                   "refusal": None}
+        if calls:
+            message["tool_calls"] = [call.openai() for call in calls]
+        body = self._base("chat.completion")
+        body["choices"] = [{"index": 0, "message": message, "logprobs": None,
+                            "finish_reason": self.finish_reason(result, bool(calls))}]
+        body["usage"] = usage(result)
+        return body
+
+    def writer(self, with_usage):
+        return ChatStream(self, with_usage)
+
+
+class ChatStream:
+    """The SSE chunks of one streamed chat answer. Tool calls stream as OpenAI does: a first delta with the
+    call's index, id, type and name, then its arguments in fragments; no <tool_call> markup reaches content."""
+
+    def __init__(self, reply, with_usage):
+        self.reply = reply
+        self.with_usage = with_usage
+        self.parser = output_parser(reply.tools)
+        self.calls = 0
+
+    def _chunk(self, delta, finish=None):
+        body = self.reply._base("chat.completion.chunk")
+        body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        if self.with_usage:
+            body["usage"] = None  # as OpenAI does: only the last chunk carries usage
+        return sse(body)
+
+    def _events(self, events):
+        out = b""
+        for kind, value in events:
+            if kind == "content":
+                out += self._chunk({"content": value})
+                continue
+            call, index = value.openai(), self.calls
+            self.calls += 1
+            out += self._chunk({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                                "function": {"name": call["function"]["name"], "arguments": ""}}]})
+            arguments = call["function"]["arguments"]
+            for at in range(0, len(arguments), ARGUMENT_FRAGMENT):
+                fragment = arguments[at:at + ARGUMENT_FRAGMENT]
+                out += self._chunk({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
+        return out
+
+    def opening(self):
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def text(self, text):
+        return self._events(self.parser.feed(text))
+
+    def closing(self, result):
+        out = self._events(self.parser.finish())
+        out += self._chunk({}, self.reply.finish_reason(result, self.calls > 0))
+        if self.with_usage:
+            body = self.reply._base("chat.completion.chunk")
+            body.update(choices=[], usage=usage(result))
+            out += sse(body)
+        return out
 
 
 # -- completions -------------------------------------------------------------------------------------------
@@ -110,16 +244,57 @@ def completions():
     echo = be.tokenizer.decode(prompt_ids) if body["echo"] else ""
     run = CardRun(be, prompt_ids, body["max_tokens"], body["stop"], client_probe(request.environ),
                   current_record())
-    reply = Reply(f"cmpl-{uuid.uuid4().hex}", be.model_name, echo)
+    reply = CompletionReply(be.model_name, echo)
     if body["stream"]:
-        include_usage = bool((body["stream_options"] or {}).get("include_usage"))
-        return stream(run, reply.completion_chunks(include_usage))
+        return stream(run, reply.writer(include_usage(body)))
     with run:
         try:
             result = run.start().result()
         except ClientGone:
             return Response(status=499)
-    return jsonify(reply.completion(result))
+    return jsonify(reply.whole(result))
+
+
+class CompletionReply:
+    """text_completion objects for one answer, whole or as chunks."""
+
+    def __init__(self, model, echo):
+        self.id = f"cmpl-{uuid.uuid4().hex}"
+        self.model = model
+        self.created = int(time.time())
+        self.echo = echo
+        self.with_usage = False
+
+    def _body(self, text, finish, result=None):
+        body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "system_fingerprint": None,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        if result is not None:
+            body["usage"] = usage(result)
+        elif self.with_usage:
+            body["usage"] = None
+        return body
+
+    def whole(self, result):
+        return self._body(self.echo + result.text, result.finish_reason, result)
+
+    def writer(self, with_usage):
+        self.with_usage = with_usage
+        return self
+
+    def opening(self):
+        return sse(self._body(self.echo, None)) if self.echo else b""
+
+    def text(self, text):
+        return sse(self._body(text, None))
+
+    def closing(self, result):
+        out = sse(self._body("", result.finish_reason))
+        if self.with_usage:
+            last = self._body("", None, result)
+            last["choices"] = []
+            out += sse(last)
+        return out
 
 
 # -- models ------------------------------------------------------------------------------------------------
@@ -139,81 +314,8 @@ def get_model(model_id):
     return jsonify(model_object())
 
 
-# -- response bodies ---------------------------------------------------------------------------------------
-class Reply:
-    """The OpenAI objects for one answer, whole or as stream chunks (one id for all of them)."""
-
-    def __init__(self, reply_id, model, echo=""):
-        self.id = reply_id
-        self.model = model
-        self.created = int(time.time())
-        self.echo = echo
-
-    def _base(self, obj):
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
-
-    def chat(self, result):
-        body = self._base("chat.completion")
-        body["choices"] = [{"index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
-                            "logprobs": None, "finish_reason": result.finish_reason}]
-        body["usage"] = usage(result)
-        return body
-
-    def completion(self, result):
-        body = self._base("text_completion")
-        body["choices"] = [{"index": 0, "text": self.echo + result.text, "logprobs": None,
-                            "finish_reason": result.finish_reason}]
-        body["usage"] = usage(result)
-        return body
-
-    def _chunk(self, obj, choice, include_usage):
-        body = self._base(obj)
-        body["choices"] = [choice]
-        if include_usage:
-            body["usage"] = None  # as OpenAI does: only the last chunk carries usage
-        return sse(body)
-
-    def _usage_chunk(self, obj, result):
-        body = self._base(obj)
-        body["choices"] = []
-        body["usage"] = usage(result)
-        return sse(body)
-
-    def chat_chunks(self, include_usage):
-        """The SSE bytes of a streamed chat answer: a first chunk with the role, one per text piece, and a
-        last one with the finish reason (then usage, if asked for)."""
-        def delta(content=None, role=None, finish=None):
-            d = {}
-            if role:
-                d["role"] = role
-            if content is not None:
-                d["content"] = content
-            return self._chunk("chat.completion.chunk", {"index": 0, "delta": d, "logprobs": None,
-                                                         "finish_reason": finish}, include_usage)
-        return _Chunks(
-            first=lambda: delta(role="assistant", content=""),
-            text=lambda text: delta(content=text),
-            last=lambda result: delta(finish=result.finish_reason)
-            + (self._usage_chunk("chat.completion.chunk", result) if include_usage else b""))
-
-    def completion_chunks(self, include_usage):
-        def choice(text, finish=None):
-            return self._chunk("text_completion", {"index": 0, "text": text, "logprobs": None,
-                                                   "finish_reason": finish}, include_usage)
-        return _Chunks(
-            first=lambda: choice(self.echo) if self.echo else b"",
-            text=lambda text: choice(text),
-            last=lambda result: choice("", result.finish_reason)
-            + (self._usage_chunk("text_completion", result) if include_usage else b""))
-
-
-class _Chunks:
-    def __init__(self, first, text, last):
-        self.first, self.text, self.last = first, text, last
-
-
-def stream(run, chunks):
+# -- streaming ---------------------------------------------------------------------------------------------
+def stream(run, writer):
     """SSE: wait for the card (errors before this point are plain HTTP errors), then stream; an error after
     the stream started is an error event, and the stream still ends with [DONE]."""
     try:
@@ -222,15 +324,15 @@ def stream(run, chunks):
         return Response(status=499)
 
     def body():
-        yield chunks.first()
+        yield writer.opening()
         try:
             for kind, value in run.events():
                 if kind == "text":
-                    yield chunks.text(value)
+                    yield writer.text(value)
                 elif kind == "heartbeat":
                     yield HEARTBEAT
                 elif kind == "done":
-                    yield chunks.last(value)
+                    yield writer.closing(value)
         except APIError as error:
             yield sse(error.openai_body())
         except ClientGone:

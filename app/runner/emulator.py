@@ -14,8 +14,9 @@ Its answer is deterministic and derived from the conversation it was given:
   prompt itself), so every client can tell its answer from another's;
 - when that turn contains "count to N" (N up to 100000), it goes on with "1, 2, ..., N." (long answers for
   max_tokens and window tests);
-- when the system turn offers tools and the last user turn says "call <name>" (or asks for "the weather in
-  <place>" and a tool of that name exists, see `tool_reply`), it answers with a <tool_call> block instead.
+- when the system turn offers tools and the last user turn says "call <name> [with <arguments>]" (or asks
+  for "the weather in <place> [and <place>]" and a weather tool is offered; see `tool_reply`), it answers
+  with <tool_call> blocks instead; when the last turn hands back tool results, it quotes them.
 
 Environment (the driver sets these from the config's `runner.emulator` section):
   QWEN_EMULATOR_TOKEN_MS    milliseconds per step, prompt and output tokens alike (default 70, like the card)
@@ -144,9 +145,10 @@ class TokenizerClient:
 # -- the reply -----------------------------------------------------------------------------------------
 TURN_RE = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>", re.S)
 COUNT_RE = re.compile(r"count to (\d{1,6})", re.I)
-TOOL_NAME_RE = re.compile(r'\{"type": "function", "function": \{"name": "([^"]+)"')
-CALL_RE = re.compile(r"\bcall (?:the )?(?:tool |function )?`?([A-Za-z_][\w.-]*)`?(?:\s+with\s+(\{.*\}))?", re.S)
+TOOLS_RE = re.compile(r"<tools>\n(.*?)\n</tools>", re.S)
+CALL_RE = re.compile(r"\bcall `?([A-Za-z_][\w.-]*)`?(?: with (.+?))?(?=\s+and call\b|\s*$)", re.S)
 WEATHER_RE = re.compile(r"weather in ([\w .'-]+?)(?:\s+and\s+(?:in\s+)?([\w .'-]+?))?\s*[?.!]*$", re.I)
+RESULT_RE = re.compile(r"<tool_response>\n(.*?)\n</tool_response>", re.S)
 
 
 def conversation(prompt_text):
@@ -156,32 +158,40 @@ def conversation(prompt_text):
         return "", prompt_text
     system = next((content for role, content in turns if role == "system"), "")
     users = [content for role, content in turns if role == "user"]
-    last_user = users[-1] if users else ""
-    # A tool result as the last turn: the model answers from it (see tool_reply).
-    return system, last_user
+    return system, users[-1] if users else ""
+
+
+def offered_tools(system):
+    """Names of the tools the chat template listed in the system turn."""
+    block = TOOLS_RE.search(system)
+    names = []
+    for line in block.group(1).splitlines() if block else []:
+        try:
+            tool = json.loads(line)
+        except ValueError:
+            continue
+        spec = tool.get("function", tool) if isinstance(tool, dict) else {}
+        if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+            names.append(spec["name"])
+    return names
 
 
 def tool_reply(system, last_user):
-    """A <tool_call> answer when tools are offered and the user plainly asks for one; else None.
+    """<tool_call> blocks when tools are offered and the last user turn plainly asks for calls; else None.
 
-    "call NAME" (optionally "with {json}") calls NAME; "the weather in X" calls a tool named get_weather or
-    get_current_weather once per place (two places, two parallel calls). A last turn that is a tool
-    response gets a plain answer quoting it, as the model would use the result.
+    "call NAME" or "call NAME with ARGS" (ARGS copied as they are, so malformed JSON makes a malformed
+    call), several joined by "and call"; or "the weather in X [and Y]" when a tool named get_weather or
+    get_current_weather is offered: one call per place. NAME need not be an offered tool (a model can
+    hallucinate one).
     """
-    tools = TOOL_NAME_RE.findall(system)
-    if not tools or "<tool_response>" in last_user:
+    tools = offered_tools(system)
+    if not tools:
         return None
-    calls = []
-    match = CALL_RE.search(last_user)
-    if match and match.group(1) in tools:
-        args = match.group(2) or "{}"
-        calls.append((match.group(1), args))
-    else:
-        weather = WEATHER_RE.search(last_user)
-        name = next((t for t in ("get_weather", "get_current_weather") if t in tools), None)
-        if weather and name:
-            for place in filter(None, weather.groups()):
-                calls.append((name, json.dumps({"location": place.strip()})))
+    calls = [(name, args.strip() if args else "{}") for name, args in CALL_RE.findall(last_user)]
+    weather = WEATHER_RE.search(last_user)
+    weather_tool = next((t for t in ("get_weather", "get_current_weather") if t in tools), None)
+    if not calls and weather and weather_tool:
+        calls = [(weather_tool, json.dumps({"location": place.strip()})) for place in filter(None, weather.groups())]
     if not calls:
         return None
     return "\n".join(f'<tool_call>\n{{"name": "{name}", "arguments": {args}}}\n</tool_call>' for name, args in calls)
@@ -189,12 +199,12 @@ def tool_reply(system, last_user):
 
 def reply_text(prompt_text):
     system, last_user = conversation(prompt_text)
+    results = RESULT_RE.findall(last_user)
+    if results:  # the last turn hands back tool results: answer from them
+        return "Emulated runner: the tools answered " + "; ".join(f'"{r}"' for r in results) + "."
     tool_call = tool_reply(system, last_user)
     if tool_call is not None:
         return tool_call
-    if "<tool_response>" in last_user:
-        result = last_user.split("<tool_response>\n", 1)[1].split("\n</tool_response>", 1)[0]
-        return f'Emulated runner: the tool answered "{result}".'
     text = f'Emulated runner (no NPU card here). You said: "{last_user}"'
     count = COUNT_RE.search(last_user)
     if count:
