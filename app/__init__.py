@@ -29,7 +29,7 @@ def create_app(test_config=None):
 
     from app.backend import Backend
     from app.errors import register_error_handlers
-    from app import auth, cors, health, ollama_api, openai_api, requestlog
+    from app import auth, cors, health, metrics, ollama_api, openai_api, requestlog
 
     backend = Backend(settings, app.instance_path).start()
     app.extensions["qwen"] = backend
@@ -39,6 +39,7 @@ def create_app(test_config=None):
     auth.init_app(app)
     cors.init_app(app)         # before auth: preflights carry no key
     requestlog.init_app(app)   # first of all: every request gets an id, errors included
+    metrics.init_app(app, backend)
     app.register_blueprint(health.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(ollama_api.bp)

@@ -114,7 +114,11 @@ class CardRun:
                 kind, value = event
                 if kind == "error":
                     raise card_error(value)
-                if kind == "done" and value.finish_reason == "cancelled" and self.timed_out:
+                if kind == "done" and value.finish_reason == "cancelled":
+                    if not self.timed_out:  # we did not cancel it: the service is stopping
+                        raise APIError(503, "The service is shutting down; retry shortly.",
+                                       type="service_unavailable", code="shutting_down",
+                                       headers={"Retry-After": "5"})
                     value.finish_reason = "length"  # the wall-clock limit ends a generation like max_tokens
                 self._note(kind, value, now)
                 last_event = now
@@ -143,6 +147,7 @@ class CardRun:
         elif kind == "done":
             record.completion_tokens = value.completion_tokens
             record.finish_reason = value.finish_reason
+            record.tokens_per_second = value.tokens_per_second
 
     def result(self):
         """Run to the end and return the GenerationResult (non-streamed requests)."""

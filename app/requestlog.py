@@ -26,6 +26,7 @@ class RequestRecord:
         self.queue_wait = None        # seconds until the card took the request
         self.ttft = None              # seconds from arrival to the first text
         self.finish_reason = None
+        self.tokens_per_second = None
         self.prompt_text = None
 
     def line(self):

@@ -32,3 +32,20 @@ accesslog = "-"
 errorlog = "-"
 loglevel = "info"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(L)ss'
+
+
+def post_worker_init(worker):
+    """SIGTERM (systemctl stop, a gunicorn reload): stop taking requests, cancel the running generation and
+    "q" the runner at once, instead of waiting out streams that can last minutes. gunicorn then finishes the
+    (now short) requests in flight and the worker exits."""
+    import signal
+    import threading
+
+    backend = worker.wsgi.extensions["qwen"]
+    graceful = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        threading.Thread(target=backend.stop, name="shutdown", daemon=True).start()
+        graceful(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)

@@ -5,6 +5,7 @@ forked exits, means "when this worker dies"), takes jobs from a FIFO queue one a
 runner with capped exponential backoff when it fails, and keeps the state /health reports. A file lock
 under instance/ keeps a second process off the same card.
 """
+import collections
 import fcntl
 import logging
 import os
@@ -48,10 +49,14 @@ class Job:
         self.started_at = None
         self._events = queue.SimpleQueue()
         self._cancelled = threading.Event()
+        self._waiting_in = None  # the JobQueue holding it until the card takes it
 
     # request thread
     def cancel(self):
+        """Give up: a waiting job leaves the line at once; a running one is interrupted."""
         self._cancelled.set()
+        if self._waiting_in is not None:
+            self._waiting_in.remove(self)
 
     @property
     def cancelled(self):
@@ -83,6 +88,60 @@ class Job:
         self._events.put((kind, value))
 
 
+class JobQueue:
+    """First come, first served, and a job that gives up leaves the line at once (its place is free)."""
+
+    def __init__(self):
+        self._jobs = collections.deque()
+        self._changed = threading.Condition()
+        self.closed = False
+
+    def __len__(self):
+        return len(self._jobs)
+
+    def put(self, job, limit=None):
+        with self._changed:
+            if limit is not None and len(self._jobs) >= limit:
+                return False
+            job._waiting_in = self
+            self._jobs.append(job)
+            self._changed.notify()
+            return True
+
+    def get(self, timeout):
+        """The next job, or None after `timeout` seconds or once closed."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._jobs or self.closed, timeout)
+            if not self._jobs or self.closed:
+                return None
+            job = self._jobs.popleft()
+            job._waiting_in = None
+            return job
+
+    def remove(self, job):
+        with self._changed:
+            try:
+                self._jobs.remove(job)
+            except ValueError:
+                pass  # the card took it first
+            job._waiting_in = None
+
+    def close(self):
+        """Stop handing out jobs; returns the ones still waiting."""
+        with self._changed:
+            self.closed = True
+            jobs = list(self._jobs)
+            self._jobs.clear()
+            self._changed.notify_all()
+            return jobs
+
+    def drain(self):
+        with self._changed:
+            jobs = list(self._jobs)
+            self._jobs.clear()
+            return jobs
+
+
 class Card:
     """The runner's supervisor. `submit()` from any thread; everything else happens on the card thread."""
 
@@ -103,7 +162,7 @@ class Card:
         self.backoff_max = backoff_max
         self.max_queue = max_queue
 
-        self._queue = queue.Queue()
+        self._queue = JobQueue()
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._thread = None
@@ -132,7 +191,7 @@ class Card:
 
     @property
     def queue_depth(self):
-        return self._queue.qsize()
+        return len(self._queue)
 
     def start(self):
         self._thread = threading.Thread(target=self._run, name="card", daemon=True)
@@ -141,7 +200,8 @@ class Card:
 
     def stop(self, timeout=30.0):
         self._stopping.set()
-        self._queue.put(None)
+        for job in self._queue.close():
+            job._put("error", CardUnavailable("the service is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -151,10 +211,9 @@ class Card:
             raise CardUnavailable("the service is shutting down")
         if self.state == "unavailable":
             raise CardUnavailable(self.reason or "the card is unavailable", self._retry_after())
-        if self.max_queue is not None and self._queue.qsize() >= self.max_queue:
-            raise QueueFull(f"{self._queue.qsize()} requests are already waiting for the card", 5)
         job = Job(prompt_ids, max_tokens, stop)
-        self._queue.put(job)
+        if not self._queue.put(job, self.max_queue):
+            raise QueueFull(f"{len(self._queue)} requests are already waiting for the card", 5)
         return job
 
     def wait_ready(self, timeout):
@@ -177,20 +236,19 @@ class Card:
                     if not self._start_runner():
                         self._fail_waiting_jobs()
                         continue
-                try:
-                    job = self._queue.get(timeout=IDLE_CHECK_SECONDS)
-                except queue.Empty:
-                    self._check_idle()
-                    continue
+                job = self._queue.get(IDLE_CHECK_SECONDS)
                 if job is None:
-                    break
+                    if not self._stopping.is_set():
+                        self._check_idle()
+                    continue
                 if not job.cancelled:
                     self._serve(job)
         finally:
             self._shutdown()
 
     def _start_runner(self):
-        self.state = "loading"
+        if self.state != "unavailable":  # while it retries, a failed card answers 503 at once
+            self.state = "loading"
         self.progress = (0, protocol.LOAD_STEPS)
         try:
             self._take_lock()
@@ -202,7 +260,7 @@ class Card:
             log.info("starting the runner: %s", self.program.description)
             self.runner = Runner(command, self.service, self.workdir, env=env,
                                  startup_timeout=self.startup_timeout, stall_timeout=self.stall_timeout,
-                                 on_progress=self._on_progress)
+                                 on_progress=self._on_progress, abort=self._stopping.is_set)
         except RunnerError as exc:
             self._failed(exc, unavailable=True)
             return False
@@ -254,6 +312,8 @@ class Card:
         self.retry_at = time.monotonic() + delay
         if unavailable or self.failures >= UNAVAILABLE_AFTER_CRASHES:
             self.state = "unavailable"
+        elif self.state != "unavailable":
+            self.state = "loading"  # restarting
         log.error("%s (failure %d in a row; next start in %.1f s)", exc, self.failures, delay)
 
     def _drop_runner(self):
@@ -271,14 +331,9 @@ class Card:
             self._stopping.wait(min(0.2, self.retry_at - time.monotonic()))
 
     def _fail_waiting_jobs(self, reason=None):
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                job._put("error", CardUnavailable(reason or self.reason or "the card is unavailable",
-                                                  self._retry_after()))
+        for job in self._queue.drain():
+            job._put("error", CardUnavailable(reason or self.reason or "the card is unavailable",
+                                              self._retry_after()))
 
     def _take_lock(self):
         if self._lock_file is not None:

@@ -117,7 +117,7 @@ class Runner:
     """A running main_axcl at its `>> ` prompt."""
 
     def __init__(self, command, service, cwd, env=None, startup_timeout=120.0, stall_timeout=30.0,
-                 on_progress=None):
+                 on_progress=None, abort=lambda: False):
         self.command = list(command)
         self.service = service
         self.stall_timeout = stall_timeout
@@ -135,18 +135,20 @@ class Runner:
         self.child.delaybeforesend = None  # pexpect sleeps 50 ms before every send by default
         self.pid = self.child.pid
         try:
-            self._wait_until_ready(startup_timeout, on_progress)
+            self._wait_until_ready(startup_timeout, on_progress, abort)
         except BaseException:
             self.close()
             raise
         self.usable = True
 
     # -- start-up -------------------------------------------------------------------------------------
-    def _wait_until_ready(self, timeout, on_progress):
+    def _wait_until_ready(self, timeout, on_progress, abort):
         deadline = time.monotonic() + timeout
         seen = bytearray()
         scanned = 0  # progress steps before this offset have been reported
         while True:
+            if abort():
+                raise RunnerStartError("start-up abandoned: the service is stopping")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise RunnerStartError(

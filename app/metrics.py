@@ -1,0 +1,98 @@
+"""GET /metrics in Prometheus text format: requests, tokens, latency histograms, and the card's state.
+
+Counters and histograms are fed by the per-request records (requestlog.py) when each response closes;
+queue depth, runner state, restarts and card status are read from the card at scrape time.
+"""
+from flask import Blueprint, Response, current_app
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram,
+                               disable_created_metrics, generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+disable_created_metrics()  # no *_created series: they double the output for nothing we use
+bp = Blueprint("metrics", __name__)
+
+CARD_STATES = ("starting", "loading", "ready", "unavailable", "stopped")
+NPU_STATUSES = ("available", "emulated", "unavailable")
+
+
+class Metrics:
+    def __init__(self, backend):
+        self.backend = backend
+        self.registry = CollectorRegistry()
+        self.requests = Counter("qwen_chat_requests", "HTTP requests by endpoint, method and status",
+                                ["endpoint", "method", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("qwen_chat_prompt_tokens", "Prompt tokens fed to the card",
+                                     ["endpoint"], registry=self.registry)
+        self.completion_tokens = Counter("qwen_chat_completion_tokens", "Tokens generated and returned",
+                                         ["endpoint"], registry=self.registry)
+        self.finished = Counter("qwen_chat_generations", "Generations by finish reason", ["finish_reason"],
+                                registry=self.registry)
+        # The card feeds prompt tokens at ~14/s, so time to first token ranges from a fraction of a second
+        # to over a minute.
+        self.ttft = Histogram("qwen_chat_time_to_first_token_seconds", "Arrival to first text",
+                              buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120), registry=self.registry)
+        self.queue_wait = Histogram("qwen_chat_queue_wait_seconds", "Arrival until the card took the request",
+                                    buckets=(0.01, 0.1, 0.5, 1, 5, 15, 30, 60, 120, 300), registry=self.registry)
+        self.tokens_per_second = Histogram("qwen_chat_tokens_per_second", "Output tokens per second",
+                                           buckets=(1, 2, 4, 8, 10, 12, 14, 16, 20, 30, 100, 1000, 10000),
+                                           registry=self.registry)
+        self.registry.register(_CardCollector(backend))
+
+    def observe(self, record):
+        self.requests.labels(record.endpoint, record.method, str(record.status)).inc()
+        if record.prompt_tokens is not None and record.completion_tokens is not None:
+            self.prompt_tokens.labels(record.endpoint).inc(record.prompt_tokens)
+            self.completion_tokens.labels(record.endpoint).inc(record.completion_tokens)
+        if record.finish_reason:
+            self.finished.labels(record.finish_reason).inc()
+        if record.ttft is not None:
+            self.ttft.observe(record.ttft)
+        if record.queue_wait is not None:
+            self.queue_wait.observe(record.queue_wait)
+        if record.tokens_per_second:
+            self.tokens_per_second.observe(record.tokens_per_second)
+
+
+class _CardCollector:
+    """The card's state, read when Prometheus scrapes."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def collect(self):
+        card = self.backend.card
+        depth = GaugeMetricFamily("qwen_chat_queue_depth", "Requests waiting for the card")
+        depth.add_metric([], card.queue_depth)
+        yield depth
+        busy = GaugeMetricFamily("qwen_chat_card_busy", "1 while the card is generating")
+        busy.add_metric([], 1 if card.busy else 0)
+        yield busy
+        state = GaugeMetricFamily("qwen_chat_runner_state", "The runner's state (1 for the current one)",
+                                  labels=["state"])
+        for name in CARD_STATES:
+            state.add_metric([name], 1 if card.state == name else 0)
+        yield state
+        npu = GaugeMetricFamily("qwen_chat_npu_status", "The card's status (1 for the current one)",
+                                labels=["status"])
+        for name in NPU_STATUSES:
+            npu.add_metric([name], 1 if card.npu == name else 0)
+        yield npu
+        restarts = CounterMetricFamily("qwen_chat_runner_restarts", "Runner starts after the first")
+        restarts.add_metric([], card.restarts)
+        yield restarts
+        failures = GaugeMetricFamily("qwen_chat_runner_consecutive_failures", "Failures since the last success")
+        failures.add_metric([], card.failures)
+        yield failures
+
+
+@bp.get("/metrics")
+def metrics():
+    registry = current_app.extensions["qwen_metrics"].registry
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+def init_app(app, backend):
+    metrics = Metrics(backend)
+    app.extensions["qwen_metrics"] = metrics
+    app.extensions["qwen_request_observers"].append(metrics.observe)
+    app.register_blueprint(bp)
