@@ -60,6 +60,19 @@ def sse(obj):
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
+class TextChunks:
+    """SSE chunks that differ only in one text field, built by splicing the text's JSON into a chunk serialized
+    once: byte for byte what sse() would give, without serializing the whole chunk for every piece."""
+    PLACEHOLDER = "\x00text\x00"  # control characters are always escaped, so this cannot occur in real text
+
+    def __init__(self, template):
+        marker = json.dumps(self.PLACEHOLDER).encode()
+        self.head, self.tail = sse(template).split(marker)
+
+    def __call__(self, text):
+        return self.head + json.dumps(text, ensure_ascii=False).encode() + self.tail
+
+
 def include_usage(body):
     return bool((body["stream_options"] or {}).get("include_usage"))
 
@@ -183,19 +196,23 @@ class ChatStream:
         self.with_usage = with_usage
         self.parser = output_parser(reply.tools)
         self.calls = 0
+        self.content_chunk = TextChunks(self._body({"content": TextChunks.PLACEHOLDER}))
 
-    def _chunk(self, delta, finish=None):
+    def _body(self, delta, finish=None):
         body = self.reply._base("chat.completion.chunk")
         body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
         if self.with_usage:
             body["usage"] = None  # as OpenAI does: only the last chunk carries usage
-        return sse(body)
+        return body
+
+    def _chunk(self, delta, finish=None):
+        return sse(self._body(delta, finish))
 
     def _events(self, events):
         out = b""
         for kind, value in events:
             if kind == "content":
-                out += self._chunk({"content": value})
+                out += self.content_chunk(value)
                 continue
             call, index = value.openai(), self.calls
             self.calls += 1
@@ -280,13 +297,11 @@ class CompletionReply:
 
     def writer(self, with_usage):
         self.with_usage = with_usage
+        self.text = TextChunks(self._body(TextChunks.PLACEHOLDER, None))  # a chunk per text piece
         return self
 
     def opening(self):
         return sse(self._body(self.echo, None)) if self.echo else b""
-
-    def text(self, text):
-        return sse(self._body(text, None))
 
     def closing(self, result):
         out = sse(self._body("", result.finish_reason))

@@ -152,3 +152,15 @@ def test_errors_through_nginx_stay_json(start_server, nginx):
     server.stop()  # nobody behind nginx any more
     gone = httpx.get(front + "/v1/models")
     assert gone.status_code == 502 and gone.json()["error"]["code"] == "upstream_unavailable"
+
+
+def test_benchmark_scripts_run():
+    # Speed is measured by these scripts, not asserted here: this only keeps them working.
+    import sys
+    done = subprocess.run([sys.executable, "scripts/bench.py", "--only", "throughput", "--only", "startup",
+                           "--rounds", "1"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "throughput at 0 ms/token" in done.stdout and "start-up to /health ok" in done.stdout
+    done = subprocess.run([sys.executable, "scripts/bench_runner.py", "--rounds", "1", "--count", "20"],
+                          cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ratio driver/bare" in done.stdout, done.stderr[-2000:]

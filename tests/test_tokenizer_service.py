@@ -82,3 +82,37 @@ def test_bad_requests_are_400(service, path, body):
 def test_unknown_paths_are_404(service):
     assert call(service, "GET", "/nope")[0] == 404
     assert call(service, "POST", "/nope", {})[0] == 404
+
+
+def raw(service, data):
+    """Send raw bytes, read until the server closes."""
+    import socket
+    import urllib.parse
+    parsed = urllib.parse.urlsplit(service.url)
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=5) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+@pytest.mark.parametrize("data", [
+    b"garbage\r\n\r\n",
+    b"POST /decode HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
+    b"POST /decode HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /decode HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n",
+])
+def test_malformed_http_is_a_400_and_a_closed_connection(service, data):
+    answer = raw(service, data)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in answer
+
+
+def test_connection_close_and_http_1_0_are_honoured(service):
+    for request in (b"GET /eos_id HTTP/1.1\r\nConnection: close\r\n\r\n", b"GET /eos_id HTTP/1.0\r\n\r\n"):
+        answer = raw(service, request)  # returns only because the server closed the connection
+        assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b'{"eos_id": 151645}')
+
+
+def test_wrong_method_is_405(service):
+    assert call(service, "GET", "/decode")[0] == 405

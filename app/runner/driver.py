@@ -14,8 +14,10 @@ prompt and returns its result. The design follows PROTOCOL.md's traps:
   armed from the long-lived thread that spawns it; see card.py).
 """
 import ctypes
+import errno
 import logging
 import os
+import select
 import signal
 import termios
 import time
@@ -134,12 +136,35 @@ class Runner:
             raise RunnerStartError(f"cannot start the runner {self.command[0]}: {exc.strerror or exc}") from None
         self.child.delaybeforesend = None  # pexpect sleeps 50 ms before every send by default
         self.pid = self.child.pid
+        self._poller = select.poll()
+        self._poller.register(self.child.child_fd, select.POLLIN)
         try:
             self._wait_until_ready(startup_timeout, on_progress, abort)
         except BaseException:
             self.close()
             raise
         self.usable = True
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def _read(self, timeout):
+        """What the runner printed, waiting up to `timeout` s for it: b"" if nothing came; pexpect.EOF once
+        the runner is gone.
+
+        pexpect spawned the runner and owns its pty; reading the pty here with one poll object costs a poll
+        and a read per chunk, where read_nonblocking spends up to three polls and a waitpid - on the path of
+        every streamed chunk.
+        """
+        if not self._poller.poll(timeout * 1000):
+            return b""
+        try:
+            data = os.read(self.child.child_fd, READ_SIZE)
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: the pty's other side is closed, the runner has exited
+                raise
+            data = b""
+        if not data:
+            raise pexpect.EOF("the runner's terminal closed")
+        return data
 
     # -- start-up -------------------------------------------------------------------------------------
     def _wait_until_ready(self, timeout, on_progress, abort):
@@ -154,9 +179,7 @@ class Runner:
                 raise RunnerStartError(
                     f"the runner did not finish loading within {timeout:g} s{self._last_words(seen)}")
             try:
-                seen += self.child.read_nonblocking(READ_SIZE, timeout=min(remaining, 1.0))
-            except pexpect.TIMEOUT:
-                continue
+                seen += self._read(min(remaining, 1.0))
             except pexpect.EOF:
                 raise RunnerStartError(self._start_failure(seen)) from None
             # Progress bar steps ("| 12 /  31 ["), reported as they complete; each is scanned once.
@@ -253,7 +276,7 @@ class Runner:
 
             # Wait for more output, within the stall timeout (generous while the prompt is fed).
             now = time.monotonic()
-            total_calls = len(generation.calls(0))
+            total_calls = generation.call_count
             if total_calls != calls_seen:
                 calls_seen, last_activity = total_calls, now
             allowance = self.stall_timeout + (prefill_allowance if output.first_id_at is None else 0)
@@ -264,15 +287,15 @@ class Runner:
                     f"generating (unaccounted output {bytes(buf[-200:])!r}; {len(pending)} /decode answers "
                     f"not yet seen: {[c.printed for c in pending][:3]!r})")
             try:
-                buf += self.child.read_nonblocking(READ_SIZE, timeout=POLL_SECONDS)
-                last_activity = time.monotonic()
-            except pexpect.TIMEOUT:
-                pass
+                data = self._read(POLL_SECONDS)
             except pexpect.EOF:
                 if protocol.DEAD_CARD_RE.search(buf):
                     raise CardDead(f"the card is dead: {self._first_line(protocol.DEAD_CARD_RE, buf)}") from None
                 raise RunnerDied(f"the runner exited while generating ({self._exit_status()})"
                                  f"{self._last_words(buf)}") from None
+            if data:
+                buf += data
+                last_activity = time.monotonic()
 
     def _account(self, buf, generation, taken, limits, output, on_text):
         """Match the bytes in `buf` against the answered /decode calls, in order.
@@ -414,9 +437,7 @@ class Runner:
         if not self.usable:
             raise RunnerDied("the runner is not usable after an earlier failure")
         try:
-            self._leftover += self.child.read_nonblocking(READ_SIZE, timeout=timeout)
-        except pexpect.TIMEOUT:
-            return
+            self._leftover += self._read(timeout)
         except pexpect.EOF:
             self.usable = False
             raise RunnerDied(f"the runner exited while idle ({self._exit_status()})") from None
@@ -450,9 +471,7 @@ class Runner:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
-                self.child.read_nonblocking(READ_SIZE, timeout=0.1)
-            except pexpect.TIMEOUT:
-                pass
+                self._read(0.1)  # drain, so a runner blocked on a full terminal can finish
             except (pexpect.EOF, OSError):
                 pass
             if not self.child.isalive():

@@ -1,5 +1,6 @@
 """The Qwen2.5 tokenizer, in process: chat rendering, exact token counts, and decoding safe to print in pieces."""
 import codecs
+import functools
 import os
 
 # transformers announces at import that PyTorch is missing; we only need its tokenizers.
@@ -24,6 +25,9 @@ class QwenTokenizer:
         # Byte-level BPE: every ordinary token stands for bytes spelled with printable stand-ins.
         self._byte_of_char = {char: byte for byte, char in bytes_to_unicode().items()}
         self._added = {int(i): tok.content for i, tok in self._tok.added_tokens_decoder.items()}
+        self._backend = self._tok.backend_tokenizer  # the Rust tokenizer, for id -> token without overhead
+        # Decoding is on every streamed chunk's path, and ids repeat a lot.
+        self._bytes_of_id = functools.lru_cache(maxsize=32768)(self._lookup_bytes)
         self._vocab_size = len(self._tok)
 
     def __len__(self):
@@ -56,15 +60,15 @@ class QwenTokenizer:
 
     def token_bytes(self, ids):
         """The exact bytes a list of ids stands for (added tokens as their UTF-8 text)."""
-        out = bytearray()
-        for token_id, piece in zip(ids, self._tok.convert_ids_to_tokens(list(ids))):
-            if token_id in self._added:
-                out += self._added[token_id].encode("utf-8")
-            elif piece is not None:
-                out += bytes(self._byte_of_char[c] for c in piece)
-            else:
-                raise ValueError(f"token id {token_id} is outside the vocabulary")
-        return bytes(out)
+        return b"".join(map(self._bytes_of_id, ids))
+
+    def _lookup_bytes(self, token_id):
+        if token_id in self._added:
+            return self._added[token_id].encode("utf-8")
+        piece = self._backend.id_to_token(token_id)
+        if piece is None:
+            raise ValueError(f"token id {token_id} is outside the vocabulary")
+        return bytes(self._byte_of_char[c] for c in piece)
 
     def valid_id(self, token_id):
         return isinstance(token_id, int) and 0 <= token_id < self._vocab_size

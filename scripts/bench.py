@@ -1,0 +1,363 @@
+#!/usr/bin/env python3
+"""Benchmark: does the service cost the card anything? Prints one table (medians and spread).
+
+    .venv/bin/python scripts/bench.py [--rounds 5] [--quick]
+
+Each figure is taken side by side in one run against a baseline that drives the same emulated runner
+directly: a bare pexpect loop and a bare tokenizer service (a few lines of http.server around the same
+tokenizer), no Flask, no HTTP client. Service and baseline rounds alternate, so machine noise hits both.
+
+1. Time to first token and end-to-end time at card pacing (70 ms/token), streamed over HTTP: service over
+   baseline, as a ratio and in milliseconds added.          Goal: <= 1.01 and <= 10 ms.
+2. Throughput ceiling at 0 ms/token, streamed over HTTP: service tokens/s over baseline, and the absolute
+   figure (how far the service is from ever limiting a card of ~14 tokens/s).   Goal: >= 0.8.
+3. Saturation: 16 concurrent streaming clients at card pacing: the share of wall time the runner was
+   generating, from the emulated runner's own timestamps.    Goal: >= 0.98.
+4. Memory: the worker's RSS idle after start, over a bare Python process that only loads the same tokenizer
+   folder with transformers; and its growth over 500 requests.  Goal: <= 1.25x and <= 5 MB.
+5. Start-up: process start to /health ok with the emulated runner at 0 ms (the service's own cost).
+"""
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pexpect
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_DIR))
+
+from app import config  # noqa: E402
+from app.runner import protocol  # noqa: E402
+from app.runner.driver import _child_setup  # noqa: E402
+
+CARD_MS = 70
+QUESTION = "What is the capital of France?"
+
+
+# -- the baseline: the emulated runner driven by hand ------------------------------------------------------
+class BareTokenizerService:
+    """The four calls main_axcl makes, and nothing else: /encode answers the ids it is told to."""
+
+    def __init__(self, tokenizer_json):
+        from tokenizers import Tokenizer
+        self.tokenizer = Tokenizer.from_file(tokenizer_json)
+        self.prompt_ids = []
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, obj):
+                body = json.dumps(obj).encode()
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(body), body))
+
+            def do_GET(self):
+                self._send({"bos_id": -1} if self.path == "/bos_id" else {"eos_id": protocol.EOS_ID})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/encode":
+                    self._send({"token_ids": service.prompt_ids})
+                else:
+                    self._send({"text": service.tokenizer.decode(body["token_ids"], skip_special_tokens=False)})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+
+
+class Baseline:
+    """A bare pexpect loop over the emulated runner: write a line, time the first text and the end notice."""
+
+    def __init__(self, token_ms, tokenizer_dir, workdir):
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        self.service = BareTokenizerService(str(Path(tokenizer_dir) / "tokenizer.json"))
+        env = dict(os.environ, PYTHONPATH=str(PROJECT_DIR), QWEN_EMULATOR_TOKEN_MS=str(token_ms),
+                   QWEN_EMULATOR_TOKENIZER=str(tokenizer_dir))
+        command = [sys.executable, "-m", "app.runner.emulator"] + protocol.vendor_flags(str(workdir), self.service.url)
+        self.child = pexpect.spawn(command[0], command[1:], cwd=str(workdir), env=env, echo=False, timeout=600,
+                                   use_poll=True, preexec_fn=lambda parent=os.getpid(): _child_setup(parent))
+        self.child.delaybeforesend = None
+        self.child.expect_exact(protocol.READY_PROMPT)
+
+    def run(self, prompt_ids):
+        """(time to first token, end to end, output ids) for one prompt."""
+        self.service.prompt_ids = prompt_ids
+        started = time.perf_counter()
+        self.child.send(b"bench\n")
+        head = self.child.read_nonblocking(1, timeout=600)  # the first byte of text
+        first = time.perf_counter()
+        self.child.expect(protocol.END_RE)
+        done = time.perf_counter()
+        text = (head + self.child.before).decode("utf-8", "replace")
+        return first - started, done - started, text
+
+    def close(self):
+        if self.child.isalive():
+            self.child.sendline(b"q")
+            self.child.expect(pexpect.EOF)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- the service ---------------------------------------------------------------------------------------------
+class Service:
+    """gunicorn with scripts/gunicorn.conf.py and the emulated runner, as scripts/serve runs it."""
+
+    def __init__(self, workdir, token_ms, trace=None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        settings = {"runner": {"binary": "emulator", "emulator": {"token_ms": token_ms, "trace": trace}},
+                    "server": {"max_queue": 64}}
+        (self.workdir / "config.yaml").write_text(json.dumps(settings))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", "scripts/gunicorn.conf.py", "--bind",
+             f"127.0.0.1:{self.port}"], cwd=PROJECT_DIR, stdout=open(self.workdir / "log", "wb"),
+            stderr=subprocess.STDOUT, env=dict(os.environ, QWEN_CHAT_CONFIG=str(self.workdir / "config.yaml"),
+                                               QWEN_CHAT_INSTANCE=str(self.workdir / "instance")))
+        try:
+            self.healthy_after = self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_healthy(self):
+        with httpx.Client(timeout=2) as http:
+            while True:
+                try:
+                    if http.get(self.url + "/health").status_code == 200:
+                        return time.perf_counter() - self.started
+                except httpx.HTTPError:
+                    pass
+                if self.proc.poll() is not None:
+                    raise SystemExit("bench: the service died; see " + str(self.workdir / "log"))
+                time.sleep(0.005)
+
+    def worker_pid(self):
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                        return int(entry.name)
+                except (OSError, ValueError):
+                    continue
+        raise RuntimeError("no worker")
+
+    def stream(self, http, messages):
+        """(time to first token, end to end, text) for one streamed chat. The chunks' JSON is read after the
+        clock stops: parsing is the client's work, not the service's, and it would share the cores."""
+        started = time.perf_counter()
+        first, lines = None, []
+        with http.stream("POST", self.url + "/v1/chat/completions",
+                         json={"model": "qwen2.5", "stream": True, "messages": messages,
+                               "max_tokens": protocol.MAX_TOKEN_LEN}) as response:
+            for line in response.iter_lines():
+                if first is None and '"content":"' in line and '"content":""' not in line:
+                    first = time.perf_counter()
+                lines.append(line)
+        done = time.perf_counter()
+        text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                       for line in lines if line.startswith("data: {"))
+        return first - started, done - started, text
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()  # on every path: a benchmark that fails must not leave servers behind
+
+
+def rss_mb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def bare_tokenizer_rss(tokenizer_dir):
+    code = ("import os; os.environ['TRANSFORMERS_VERBOSITY']='error'\n"
+            "from transformers import AutoTokenizer\n"
+            f"t = AutoTokenizer.from_pretrained({str(tokenizer_dir)!r})\n"
+            "t.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=True)\n"
+            "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) / 1024
+
+
+def spread(values, fmt="{:.1f}"):
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+# -- the measurements ----------------------------------------------------------------------------------------
+def latency(rounds, tokenizer, tokenizer_dir, tmp):
+    messages = [{"role": "user", "content": QUESTION}]
+    prompt_ids = tokenizer.chat_ids(messages)
+    rows = {"ttft": ([], []), "e2e": ([], [])}
+    with Baseline(CARD_MS, tokenizer_dir, tmp / "baseline-latency") as baseline, \
+            Service(tmp / "service-latency", CARD_MS) as service, httpx.Client(timeout=600) as http:
+        for _ in range(rounds):
+            s_ttft, s_e2e, s_text = service.stream(http, messages)
+            b_ttft, b_e2e, b_text = baseline.run(prompt_ids)
+            assert s_text == b_text, (s_text, b_text)  # the same work on both sides
+            rows["ttft"][0].append(s_ttft), rows["ttft"][1].append(b_ttft)
+            rows["e2e"][0].append(s_e2e), rows["e2e"][1].append(b_e2e)
+    return rows, len(prompt_ids), len(tokenizer.encode(s_text))
+
+
+def throughput(rounds, tokenizer, tokenizer_dir, tmp, count=200):
+    messages = [{"role": "user", "content": f"count to {count}"}]
+    prompt_ids = tokenizer.chat_ids(messages)
+    service_rates, baseline_rates = [], []
+    with Baseline(0, tokenizer_dir, tmp / "baseline-throughput") as baseline, \
+            Service(tmp / "service-throughput", 0) as service, httpx.Client(timeout=600) as http:
+        for _ in range(rounds + 1):  # the first round of each warms up
+            _, s_e2e, s_text = service.stream(http, messages)
+            _, b_e2e, b_text = baseline.run(prompt_ids)
+            assert s_text == b_text
+            tokens = len(tokenizer.encode(s_text))
+            service_rates.append(tokens / s_e2e)
+            baseline_rates.append(tokens / b_e2e)
+    return service_rates[1:], baseline_rates[1:], tokens
+
+
+def saturation(runs, tmp, clients=16):
+    shares = []
+    for run in range(runs):
+        trace = tmp / f"trace-{run}"
+        with Service(tmp / f"service-saturation-{run}", CARD_MS, trace=str(trace)) as service:
+            def client(i):
+                with httpx.Client(timeout=600) as http:
+                    service.stream(http, [{"role": "user", "content": f"client {i}: {QUESTION}"}])
+
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        marks = [(kind, float(t)) for kind, t in (line.split() for line in trace.read_text().splitlines())
+                 if kind in ("start", "end")]
+        starts = [t for kind, t in marks if kind == "start"]
+        ends = [t for kind, t in marks if kind == "end"]
+        assert len(starts) == len(ends) == clients
+        busy = sum(e - s for s, e in zip(starts, ends))
+        shares.append(busy / (max(ends) - min(starts)))
+    return shares
+
+
+def memory(tokenizer_dir, tmp, requests=500):
+    with Service(tmp / "service-memory", 0) as service, httpx.Client(timeout=600) as http:
+        worker = service.worker_pid()
+        for i in range(20):  # the first requests build caches that stay; measure idle after them
+            service.stream(http, [{"role": "user", "content": f"warm {i}"}])
+        idle = rss_mb(worker)
+        for i in range(requests):
+            body = {"model": "qwen2.5", "messages": [{"role": "user", "content": f"request {i} " + "x" * (i % 50)}]}
+            if i % 2:
+                service.stream(http, body["messages"])
+            else:
+                http.post(service.url + "/v1/chat/completions", json=body).raise_for_status()
+        after = rss_mb(worker)
+    return idle, after, bare_tokenizer_rss(tokenizer_dir)
+
+
+def startup(runs, tmp):
+    times = []
+    for run in range(runs):
+        with Service(tmp / f"service-start-{run}", 0) as service:
+            times.append(service.healthy_after)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per comparison (alternating)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and one saturation run")
+    parser.add_argument("--only", choices=["latency", "throughput", "saturation", "memory", "startup"],
+                        action="append", help="run only these measurements (repeatable)")
+    args = parser.parse_args()
+    wanted = set(args.only or ["latency", "throughput", "saturation", "memory", "startup"])
+    rounds = 3 if args.quick else args.rounds
+    settings = config.load({})
+    from app.tokenizer.qwen import QwenTokenizer
+    tokenizer_dir = settings["model"]["tokenizer_dir"]
+    tokenizer = QwenTokenizer(tokenizer_dir)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        results = {}
+        if "latency" in wanted:
+            results["latency"] = latency(rounds, tokenizer, tokenizer_dir, tmp)
+        if "throughput" in wanted:
+            results["throughput"] = throughput(rounds, tokenizer, tokenizer_dir, tmp)
+        if "saturation" in wanted:
+            results["saturation"] = saturation(1 if args.quick else 3, tmp)
+        if "memory" in wanted:
+            results["memory"] = memory(tokenizer_dir, tmp)
+        if "startup" in wanted:
+            results["startup"] = startup(rounds, tmp)
+
+    print(f"qwen-chat benchmark on {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+          f"; {rounds} alternating rounds; median (min-max)")
+    print(f"{'measure':58} {'service':>22} {'baseline':>22} {'ratio / added':>18}  goal")
+    if "latency" in results:
+        lat, prompt_tokens, reply_tokens = results["latency"]
+        for key, label in (("ttft", "time to first token, 70 ms/token"), ("e2e", "end to end, 70 ms/token")):
+            s, b = lat[key]
+            ratio = statistics.median(s) / statistics.median(b)
+            added = (statistics.median(s) - statistics.median(b)) * 1000
+            print(f"{label + f' ({prompt_tokens} + {reply_tokens} tokens), ms':58} "
+                  f"{spread([x * 1000 for x in s]):>22} {spread([x * 1000 for x in b]):>22} "
+                  f"{f'{ratio:.4f} / {added:+.1f} ms':>18}  <= 1.01, <= 10 ms")
+    if "throughput" in results:
+        service_rates, baseline_rates, long_tokens = results["throughput"]
+        ratio = statistics.median(service_rates) / statistics.median(baseline_rates)
+        print(f"{f'throughput at 0 ms/token ({long_tokens} tokens, streamed), tokens/s':58} "
+              f"{spread(service_rates, '{:.0f}'):>22} {spread(baseline_rates, '{:.0f}'):>22} "
+              f"{f'{ratio:.3f}':>18}  >= 0.8")
+    if "saturation" in results:
+        print(f"{'saturation, 16 streaming clients at 70 ms/token':58} {spread(results['saturation'], '{:.4f}'):>22} "
+              f"{'':>22} {'':>18}  >= 0.98")
+    if "memory" in results:
+        idle, after, bare = results["memory"]
+        print(f"{'worker RSS idle / bare transformers tokenizer, MB':58} {idle:>22.1f} {bare:>22.1f} "
+              f"{f'{idle / bare:.3f}':>18}  <= 1.25")
+        print(f"{'worker RSS growth over 500 requests, MB':58} {after - idle:>22.1f} {'':>22} {'':>18}  <= 5")
+    if "startup" in results:
+        print(f"{'start-up to /health ok, emulator at 0 ms, s':58} {spread(results['startup'], '{:.2f}'):>22}")
+
+
+if __name__ == "__main__":
+    main()
