@@ -254,3 +254,58 @@ def test_interrupting_never_loses_output_in_flight():
     numbers = [int(n) for n in re.findall(rb"<(\d+)>", data)]
     assert numbers == list(range(100000))
     assert interrupts >= 500  # it really interrupted, often, while output was flowing
+
+
+@pytest.fixture
+def slow_decode(service, monkeypatch):
+    """Delay the service's answer to the nth /decode call (a busy process), as seen by the runner."""
+    import time
+
+    def make(nth, seconds):
+        original = type(service).decode
+        calls = []
+
+        def late(self, ids):
+            answer = original(self, ids)
+            calls.append(ids)
+            if len(calls) == nth:
+                time.sleep(seconds)
+            return answer
+        monkeypatch.setattr(type(service), "decode", late)
+        return calls
+    return make
+
+
+def test_a_decode_answer_later_than_the_runners_timeout(make_runner, tokenizer, slow_decode):
+    # Regression: the runner gives up after 1 s and asks again; recording both calls made the driver wait
+    # for text that would never be printed, and the generation stalled.
+    runner = make_runner(stall_timeout=5)
+    calls = slow_decode(nth=2, seconds=1.3)
+    result, pieces = generate(runner, chat(tokenizer, "late answer"))
+    assert result.text == reply_to("late answer") and result.finish_reason == "stop"
+    assert result.ids == tokenizer.encode(result.text)
+    live_chunks = -(-len(result.ids) // 3)  # chunks of 3 ids, the last one shorter (flushed at eos)
+    assert len(calls) == live_chunks + 2  # one chunk asked for twice, and the final call with all ids
+    assert calls[1] == calls[2]
+    assert generate(runner, chat(tokenizer, "after"))[0].text == reply_to("after")
+
+
+def test_a_decode_that_fails_twice_prints_nothing_but_counts(make_runner, tokenizer, slow_decode):
+    # The vendor retries a failed /decode once after 1 s, then prints "" for that chunk and goes on.
+    runner = make_runner(stall_timeout=8)
+    slow_decode(nth=2, seconds=1.3)
+    slow_decode(nth=3, seconds=1.3)  # the retry is late too
+    result, _ = generate(runner, chat(tokenizer, "twice late"))
+    assert result.text == reply_to("twice late")  # the unprinted chunk's text comes from its ids
+    assert result.ids == tokenizer.encode(result.text)
+
+
+def test_a_stop_string_completed_by_a_held_back_character(runner, tokenizer):
+    # Regression: max_tokens cuts an emoji in half; the U+FFFD the decoder then releases completes the stop
+    # string, after the last id (this raised StopIteration and restarted the runner).
+    ids = chat(tokenizer, "🦩")
+    full, _ = generate(runner, ids)
+    cut = next(n for n in range(1, len(full.ids)) if tokenizer.decode(full.ids[:n]).endswith("\ufffd"))
+    result, _ = generate(runner, ids, max_tokens=cut, stop=["\ufffd"])
+    assert result.finish_reason == "stop" and "\ufffd" not in result.text
+    assert len(result.ids) == cut

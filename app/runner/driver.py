@@ -244,7 +244,10 @@ class Runner:
         generation = self.service.register(prompt_ids)
         started = time.monotonic()
         try:
-            self.child.send(generation.handle.encode("ascii") + b"\n")
+            try:
+                self.child.send(generation.handle.encode("ascii") + b"\n")
+            except OSError as exc:
+                raise RunnerDied(f"the runner's terminal is gone: {exc}") from None
             end = self._stream(generation, limits, output, on_text, cancelled, started)
         finally:
             self.service.forget(generation)
@@ -324,10 +327,23 @@ class Runner:
                     continue
                 if printed.startswith(bytes(buf[pos:])):
                     return pos, taken, "partial"
+                if self._moved_on(buf, pos, calls):
+                    # The runner never got this answer (it retries a /decode once, then prints nothing for
+                    # that chunk and goes on): its ids count all the same, and their text is ours to give.
+                    taken += 1
+                    self._take(calls[0].ids, limits, output, on_text, time.monotonic())
+                    continue
             line_end = self._stray_line_end(buf, pos)
             if line_end is None:
                 return pos, taken, ("unknown" if pos < len(buf) else "partial")
             pos = line_end
+
+    @staticmethod
+    def _moved_on(buf, pos, calls):
+        """Whether what the runner printed at `pos` comes after calls[0]: the next chunk's text, or the end."""
+        if len(calls) > 1 and calls[1].printed and buf.startswith(calls[1].printed.encode("utf-8"), pos):
+            return True
+        return not calls[0].maybe_final and protocol.END_RE.match(buf, pos) is not None
 
     def _ended(self, buf, pos):
         match = protocol.END_RE.match(buf, pos)
@@ -347,7 +363,7 @@ class Runner:
                 return match.end()
         return None
 
-    def _take(self, ids, limits, output, on_text, now, interrupt=True):
+    def _take(self, ids, limits, output, on_text, now, may_interrupt=True):
         """Account for ids the runner printed: decode them one by one within the limits, emit the text."""
         if output.first_id_at is None and ids:
             output.first_id_at = now
@@ -360,10 +376,10 @@ class Runner:
             output.ids.append(token_id)
             output.text += output.decoder.push([token_id])
             output.id_text_end.append(len(output.text))
-        self._apply_stops(limits, output, interrupt)
+        self._apply_stops(limits, output, may_interrupt)
         self._emit(limits, output, on_text, final=False)
 
-    def _apply_stops(self, limits, output, interrupt):
+    def _apply_stops(self, limits, output, may_interrupt):
         if not limits.stops or limits.cut_text_at is not None:
             return
         # A match can only end in text added since the last emit, so start looking just before it.
@@ -374,8 +390,9 @@ class Runner:
         limits.cut_text_at, limits.stop_sequence = found
         # Count the ids up to the one that completed the stop string, as OpenAI and vLLM count them.
         end = found[0] + len(found[1])
-        limits.cut_ids_at = next(i + 1 for i, e in enumerate(output.id_text_end) if e >= end)
-        if interrupt and limits.reason is None:
+        # (The text past the last id is what the decoder held back and released at the end.)
+        limits.cut_ids_at = next((i + 1 for i, e in enumerate(output.id_text_end) if e >= end), len(output.ids))
+        if may_interrupt and limits.reason is None:
             self._interrupt(limits, "stop")
 
     def _emit(self, limits, output, on_text, final):
@@ -409,9 +426,9 @@ class Runner:
         # The runner's last /decode carries all output ids, including the 1-2 it never printed when the
         # window ended it. Keep them (within the limits) so the result holds every output id.
         if calls and calls[-1].maybe_final and limits.reason is None:
-            self._take(calls[-1].ids[len(output.ids):], limits, output, on_text, ended, interrupt=False)
+            self._take(calls[-1].ids[len(output.ids):], limits, output, on_text, ended, may_interrupt=False)
         output.text += output.decoder.finish()
-        self._apply_stops(limits, output, interrupt=False)
+        self._apply_stops(limits, output, may_interrupt=False)
         window = protocol.MAX_TOKEN_LEN + 1 - len(generation.prompt_ids)
         if limits.reason == "cancelled":
             reason = "cancelled"
@@ -432,12 +449,12 @@ class Runner:
             stop_sequence=limits.stop_sequence if reason == "stop" else None)
 
     # -- idle and shutdown ----------------------------------------------------------------------------
-    def check_idle(self, timeout=0.0):
+    def check_idle(self):
         """Between generations: raise if the runner died or reported the card dead while waiting."""
         if not self.usable:
             raise RunnerDied("the runner is not usable after an earlier failure")
         try:
-            self._leftover += self._read(timeout)
+            self._leftover += self._read(0)
         except pexpect.EOF:
             self.usable = False
             raise RunnerDied(f"the runner exited while idle ({self._exit_status()})") from None

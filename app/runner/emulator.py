@@ -113,7 +113,11 @@ def parse_args(argv):
 
 # -- the tokenizer service, as the runner's HTTP client ------------------------------------------------
 class TokenizerClient:
-    """Keeps one connection, with the vendor's 1 s timeouts."""
+    """Keeps one connection, with the vendor's 1 s timeouts. Failures are the caller's to handle (the
+    vendor retries /decode once after 1 s and never retries /encode); the only resend here is the one any
+    keep-alive client makes, when a reused connection turns out to have been closed by the server."""
+
+    STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
     def __init__(self, base_url):
         parsed = urllib.parse.urlsplit(base_url)
@@ -123,23 +127,34 @@ class TokenizerClient:
         self.conn = None
 
     def call(self, method, path, body=None):
-        for attempt in (1, 2):  # a kept-alive connection the server closed is reopened once
-            if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=1.0)
-            try:
-                payload = None if body is None else json.dumps(body).encode()
-                headers = {"Content-Type": "application/json"} if payload is not None else {}
-                self.conn.request(method, path, body=payload, headers=headers)
-                response = self.conn.getresponse()
-                data = response.read()
-                if response.status != 200:
-                    raise OSError(f"HTTP {response.status}")
-                return json.loads(data)
-            except (OSError, http.client.HTTPException, ValueError):
-                self.conn.close()
-                self.conn = None
-                if attempt == 2:
-                    raise
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        reused = self.conn is not None
+        try:
+            return self._exchange(method, path, payload, headers)
+        except self.STALE:
+            self._drop()
+            if not reused:
+                raise
+            return self._exchange(method, path, payload, headers)  # the server had closed the idle connection
+        except (OSError, http.client.HTTPException, ValueError):
+            self._drop()
+            raise
+
+    def _exchange(self, method, path, payload, headers):
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=1.0)
+        self.conn.request(method, path, body=payload, headers=headers)
+        response = self.conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise ValueError(f"HTTP {response.status}")
+        return json.loads(data)
+
+    def _drop(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 # -- the reply -----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import secrets
 import socket
 import socketserver
 import threading
+import time
 
 
 HANDLE_PREFIX = "#qwen-chat-request:"
@@ -22,14 +23,18 @@ MAX_LINE = 8192
 MAX_HEADERS = 100
 
 
+RETRY_SECONDS = 0.9  # the runner waits 1 s for an answer, then 1 s more before it asks again
+
+
 class DecodeCall:
     """One /decode call of a generation: the ids asked for and the text answered (what the runner prints)."""
-    __slots__ = ("ids", "printed", "maybe_final")
+    __slots__ = ("ids", "printed", "maybe_final", "at")
 
     def __init__(self, ids, printed, maybe_final):
         self.ids = ids
         self.printed = printed
         self.maybe_final = maybe_final
+        self.at = time.monotonic()
 
 
 class Generation:
@@ -42,11 +47,16 @@ class Generation:
         self._lock = threading.Lock()
         self._calls = []
         self._live_ids = []  # ids of the calls so far, in order
-        self.encoded = threading.Event()
 
     def record(self, ids):
         """Answer a /decode call and remember it. Returns the text to send back."""
         with self._lock:
+            last = self._calls[-1] if self._calls else None
+            if last is not None and ids == last.ids and time.monotonic() - last.at >= RETRY_SECONDS:
+                # The runner gave up waiting for our answer and asks again (PROTOCOL.md: once, after 1 s).
+                # It is the same call, not a new chunk: one call, the same answer, its ids counted once.
+                last.at = time.monotonic()
+                return last.printed
             live = self._live_ids
             # The runner ends every generation with one /decode of all output ids (PROTOCOL.md). Such a
             # call repeats the ids seen so far plus at most the 1-2 that were still pending; a live chunk
@@ -125,7 +135,6 @@ class TokenizerService:
                 ids = self.tokenizer.vendor_prompt_ids(text)
                 generation = Generation(None, ids, self.tokenizer.incremental_decoder())
             self._current = generation
-        generation.encoded.set()
         return generation.prompt_ids
 
     def decode(self, ids):
@@ -222,8 +231,8 @@ class _Handler(socketserver.StreamRequestHandler):
             if not isinstance(ids, list) or not all(tokenizer.valid_id(i) for i in ids):
                 raise ValueError('"token_ids" must be a list of token ids')
             return 200, {"text": service.decode(ids)}
-        except ValueError as exc:  # bad JSON included
-            return 400, {"error": str(exc)}
+        except (ValueError, RecursionError) as exc:  # bad or absurdly nested JSON included
+            return 400, {"error": str(exc) or "unreadable JSON"}
 
     def _reply(self, status, obj, keep_alive):
         body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
