@@ -1,6 +1,7 @@
 """What both APIs stand on: the tokenizer, its HTTP service for the runner, the card, the model's names."""
 import functools
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,8 @@ class Backend:
             max_queue=settings["server"]["max_queue"])
         self.started_at = time.monotonic()
         self.created = int(time.time())
+        self._stop_lock = threading.Lock()
+        self._stopped = False
 
     def start(self):
         self.service.start()
@@ -52,8 +55,13 @@ class Backend:
         return self
 
     def stop(self):
-        self.card.stop()
-        self.service.stop()
+        """Idempotent and safe from several threads (the SIGTERM hook and atexit both call it)."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self.card.stop()
+            self.service.stop()
 
     def knows_model(self, name):
         """The configured name or an alias, in any case; Ollama clients may add the default tag ":latest"."""

@@ -184,3 +184,21 @@ def test_sigkill_of_the_parent_leaves_no_runner(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     wait_for(lambda: not alive(runner_pid), timeout=10, what="the orphaned runner to die")
+
+
+def test_an_unexpected_error_does_not_end_the_card_thread(make_card, tokenizer, tmp_path):
+    # The runner's working directory cannot be written (a file is in the way): starting fails with an
+    # OSError, not a RunnerError. The card must keep trying, not die and leave requests waiting forever.
+    card = make_card()
+    assert card.wait_ready(30) == "ready"
+    blocker = tmp_path / "runner"
+    card.runner.child.kill(9)
+    wait_for(lambda: card.runner is None or not card.runner.child.isalive(), what="the runner to die")
+    import shutil
+    shutil.rmtree(blocker)
+    blocker.write_text("not a directory")
+    wait_for(lambda: card.failures >= 2, what="failed restarts")
+    assert card._thread.is_alive() and "internal error" in card.reason
+    blocker.unlink()
+    wait_for(lambda: card.state == "ready", what="recovery")
+    assert card.submit(ask(tokenizer, "alive")).result(timeout=30).text == said("alive")

@@ -164,12 +164,12 @@ class Card:
 
         self._queue = JobQueue()
         self._stopping = threading.Event()
-        self._wake = threading.Event()
         self._thread = None
         self._lock_file = None
         self.runner = None
         # State for /health and /metrics; written by the card thread only.
-        self.state = "starting"       # starting | loading | ready | unavailable | stopped
+        self._state_changed = threading.Condition()
+        self._state = "starting"      # starting | loading | ready | unavailable | stopped
         self.progress = (0, protocol.LOAD_STEPS)
         self.reason = None            # why the card is unavailable, or the last failure
         self.restarts = 0             # runner starts after the first one
@@ -179,6 +179,16 @@ class Card:
         self.retry_at = None
 
     # -- public ---------------------------------------------------------------------------------------
+    @property
+    def state(self):
+        return self._state
+
+    @state.setter
+    def state(self, value):
+        with self._state_changed:
+            self._state = value
+            self._state_changed.notify_all()
+
     @property
     def emulated(self):
         return self.program.emulated
@@ -207,7 +217,7 @@ class Card:
 
     def submit(self, prompt_ids, max_tokens=None, stop=()):
         """Queue a generation; raises CardUnavailable at once when the card cannot take it."""
-        if self._stopping.is_set():
+        if self._stopping.is_set() or self.state == "stopped":
             raise CardUnavailable("the service is shutting down")
         if self.state == "unavailable":
             raise CardUnavailable(self.reason or "the card is unavailable", self._retry_after())
@@ -218,33 +228,37 @@ class Card:
 
     def wait_ready(self, timeout):
         """For tests and start-up scripts: wait until the runner is at its prompt (or the card gave up)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.state in ("ready", "unavailable"):
-                return self.state
-            time.sleep(0.02)
-        return self.state
+        with self._state_changed:
+            self._state_changed.wait_for(lambda: self._state in ("ready", "unavailable"), timeout)
+            return self._state
 
     # -- card thread ----------------------------------------------------------------------------------
     def _run(self):
         try:
             while not self._stopping.is_set():
-                if self.runner is None:
-                    self._sleep_until_retry()
-                    if self._stopping.is_set():
-                        break
-                    if not self._start_runner():
-                        self._fail_waiting_jobs()
-                        continue
-                job = self._queue.get(IDLE_CHECK_SECONDS)
-                if job is None:
-                    if not self._stopping.is_set():
-                        self._check_idle()
-                    continue
-                if not job.cancelled:
-                    self._serve(job)
+                try:
+                    self._step()
+                except Exception as exc:  # a bug of ours must not end the only thread that drives the card
+                    log.exception("card thread")
+                    self._drop_runner()
+                    self._failed(RunnerError(f"internal error: {exc}"), unavailable=False)
+                    self._fail_waiting_jobs()
         finally:
             self._shutdown()
+
+    def _step(self):
+        """Start the runner if there is none, else serve the next job, or look after the idle runner."""
+        if self.runner is None:
+            self._sleep_until_retry()
+            if not self._stopping.is_set() and not self._start_runner():
+                self._fail_waiting_jobs()
+            return
+        job = self._queue.get(IDLE_CHECK_SECONDS)
+        if job is None:
+            if not self._stopping.is_set():
+                self._check_idle()
+        elif not job.cancelled:
+            self._serve(job)
 
     def _start_runner(self):
         if self.state != "unavailable":  # while it retries, a failed card answers 503 at once
@@ -290,8 +304,10 @@ class Card:
             self._failed(exc, unavailable=isinstance(exc, CardDead))
         except Exception as exc:  # a bug of ours: the runner's state is unknown, so restart it
             log.exception("generation failed")
-            job._put("error", RunnerError(f"internal error: {exc}"))
+            error = RunnerError(f"internal error: {exc}")
+            job._put("error", error)
             self._drop_runner()
+            self._failed(error, unavailable=False)
         else:
             self.failures = 0
             job._put("done", result)
