@@ -11,10 +11,10 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from app.errors import APIError
 from app.generation import CardRun, ClientGone, client_probe
 from app.requestlog import current_record, note_prompt
-from app.openai_api import read_json
+from app.inputs import chat_prompt_ids, read_json
 from app.runner.protocol import MAX_TOKEN_LEN
 from app.schemas import OLLAMA_CHAT_REQUEST, OLLAMA_GENERATE_REQUEST, OLLAMA_MODEL_REQUEST
-from app.tools import output_parser, tool_names
+from app.tools import collect, output_parser, tool_names
 
 bp = Blueprint("ollama", __name__)
 
@@ -91,11 +91,9 @@ class OllamaReply:
         return [self._object(value) if kind == "content" else self._object("", [self._numbered(value)])
                 for kind, value in events]
 
-    def final(self, result, waited, extra=None, events=()):
-        """The done object; for a whole answer, `events` are all of it (content and calls)."""
-        content = "".join(value for kind, value in events if kind == "content")
-        calls = [self._numbered(value) for kind, value in events if kind == "call"]
-        body = self._object(content, calls)
+    def final(self, result, waited, extra=None, content="", calls=()):
+        """The done object; a whole answer carries its content and calls in it."""
+        body = self._object(content, [self._numbered(call) for call in calls])
         body.update({
             "done": True,
             "done_reason": result.finish_reason,
@@ -128,8 +126,8 @@ def answer(run, reply, stream, extra=lambda result: None):
                 result = run.result()
             except ClientGone:
                 return Response(status=499)
-        events = reply.parser.feed(result.text) + reply.parser.finish()
-        return jsonify(reply.final(result, waited, extra(result), events))
+        content, calls = collect(reply.parser, result.text)
+        return jsonify(reply.final(result, waited, extra(result), content, calls))
 
     def body():
         try:
@@ -164,7 +162,7 @@ def template_messages(messages):
 @bp.post("/api/chat")
 def chat():
     received = time.monotonic()
-    raw = read_json()
+    raw = read_json('{"model": ..., "messages": [{"role": "user", "content": ...}]}')
     body = OLLAMA_CHAT_REQUEST.load(raw)
     check_model(body["model"])
     be = backend()
@@ -174,7 +172,7 @@ def chat():
     messages = template_messages(body["messages"])
     note_prompt(messages[-1]["content"])
     tools = raw.get("tools") if body["tools"] else None
-    prompt_ids = be.tokenizer.chat_ids(messages, tools)
+    prompt_ids = chat_prompt_ids(be.tokenizer, messages, tools)
     check_context(prompt_ids, options)
     run = CardRun(be, prompt_ids, max_tokens(options), options.get("stop", []), client_probe(request.environ),
                   current_record())
@@ -185,7 +183,7 @@ def chat():
 @bp.post("/api/generate")
 def generate():
     received = time.monotonic()
-    body = OLLAMA_GENERATE_REQUEST.load(read_json())
+    body = OLLAMA_GENERATE_REQUEST.load(read_json('{"model": ..., "prompt": ...}'))
     check_model(body["model"])
     be = backend()
     if not body["prompt"]:
@@ -195,7 +193,7 @@ def generate():
         prompt_ids = be.tokenizer.encode(body["prompt"])
     else:
         messages = [{"role": "system", "content": body["system"]}] if body["system"] else []
-        prompt_ids = be.tokenizer.chat_ids(messages + [{"role": "user", "content": body["prompt"]}])
+        prompt_ids = chat_prompt_ids(be.tokenizer, messages + [{"role": "user", "content": body["prompt"]}])
     context = body["context"] or []
     if not all(be.tokenizer.valid_id(i) for i in context):
         raise APIError(400, "context holds token ids outside the vocabulary")
@@ -245,7 +243,7 @@ def running():
 
 @bp.post("/api/show")
 def show():
-    body = OLLAMA_MODEL_REQUEST.load(read_json())
+    body = OLLAMA_MODEL_REQUEST.load(read_json('{"model": ...}'))
     check_model(body["model"] or body["name"])
     be = backend()
     entry = model_entry()
@@ -278,7 +276,7 @@ def version():
 @bp.post("/api/pull")
 def pull():
     """The model is already here: answer as Ollama does for a model that is up to date."""
-    body = OLLAMA_MODEL_REQUEST.load(read_json())
+    body = OLLAMA_MODEL_REQUEST.load(read_json('{"model": ...}'))
     check_model(body["model"] or body["name"])
     return jsonify({"status": "success"})
 

@@ -8,10 +8,11 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from app.errors import APIError
 from app.generation import CardRun, ClientGone, client_probe
+from app.inputs import chat_prompt_ids, read_json
 from app.requestlog import current_record, note_prompt
 from app.runner.protocol import MAX_TOKEN_LEN
 from app.schemas import CHAT_COMPLETION_REQUEST, COMPLETION_REQUEST
-from app.tools import output_parser, required_instruction, template_tool_calls, tool_names
+from app.tools import collect, output_parser, required_instruction, template_tool_calls, tool_names
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 log = logging.getLogger(__name__)
@@ -24,17 +25,6 @@ ARGUMENT_FRAGMENT = 32  # streamed tool-call arguments arrive in pieces of this 
 
 def backend():
     return current_app.extensions["qwen"]
-
-
-def read_json():
-    """The body as a JSON object, whatever Content-Type the client claimed (curl -d sends a form type)."""
-    data = request.get_json(force=True, silent=True)
-    if data is None:
-        raise APIError(400, "The request body is not valid JSON. Send a JSON object, e.g. "
-                       '{"model": ..., "messages": [...]}.', code="invalid_json")
-    if not isinstance(data, dict):
-        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-    return data
 
 
 def check_model(name):
@@ -122,7 +112,7 @@ def chat_tools(raw, body):
 
 @bp.post("/chat/completions")
 def chat_completions():
-    raw = read_json()
+    raw = read_json('{"model": ..., "messages": [{"role": "user", "content": ...}]}')
     body = CHAT_COMPLETION_REQUEST.load(raw)
     check_model(body["model"])
     be = backend()
@@ -131,19 +121,12 @@ def chat_completions():
     if instruction:
         messages.append({"role": "system", "content": instruction})
     note_prompt(next((m["content"] for m in reversed(messages) if m["role"] in ("user", "tool")), ""))
-    prompt_ids = be.tokenizer.chat_ids(messages, tools)
+    prompt_ids = chat_prompt_ids(be.tokenizer, messages, tools)
     check_context(prompt_ids, "messages")
     run = CardRun(be, prompt_ids, body["max_completion_tokens"] or body["max_tokens"], body["stop"],
                   client_probe(request.environ), current_record())
-    reply = ChatReply(be.model_name, tool_names(body["tools"]) if tools else [], body["tool_choice"])
-    if body["stream"]:
-        return stream(run, reply.writer(include_usage(body)))
-    with run:
-        try:
-            result = run.start().result()
-        except ClientGone:
-            return Response(status=499)
-    return jsonify(reply.whole(result))
+    return respond(run, ChatReply(be.model_name, tool_names(body["tools"]) if tools else [], body["tool_choice"]),
+                   body)
 
 
 class ChatReply:
@@ -169,11 +152,8 @@ class ChatReply:
         return result.finish_reason
 
     def whole(self, result):
-        parser = output_parser(self.tools)
-        content, calls = [], []
-        for kind, value in parser.feed(result.text) + parser.finish():
-            (content if kind == "content" else calls).append(value)
-        message = {"role": "assistant", "content": "".join(content) if content or not self.tools else None,
+        content, calls = collect(output_parser(self.tools), result.text)
+        message = {"role": "assistant", "content": content if content or not self.tools else None,
                    "refusal": None}
         if calls:
             message["tool_calls"] = [call.openai() for call in calls]
@@ -243,7 +223,7 @@ class ChatStream:
 # -- completions -------------------------------------------------------------------------------------------
 @bp.post("/completions")
 def completions():
-    body = COMPLETION_REQUEST.load(read_json())
+    body = COMPLETION_REQUEST.load(read_json('{"model": ..., "prompt": ...}'))
     check_model(body["model"])
     be = backend()
     prompt = body["prompt"]
@@ -261,15 +241,7 @@ def completions():
     echo = be.tokenizer.decode(prompt_ids) if body["echo"] else ""
     run = CardRun(be, prompt_ids, body["max_tokens"], body["stop"], client_probe(request.environ),
                   current_record())
-    reply = CompletionReply(be.model_name, echo)
-    if body["stream"]:
-        return stream(run, reply.writer(include_usage(body)))
-    with run:
-        try:
-            result = run.start().result()
-        except ClientGone:
-            return Response(status=499)
-    return jsonify(reply.whole(result))
+    return respond(run, CompletionReply(be.model_name, echo), body)
 
 
 class CompletionReply:
@@ -280,33 +252,37 @@ class CompletionReply:
         self.model = model
         self.created = int(time.time())
         self.echo = echo
-        self.with_usage = False
 
-    def _body(self, text, finish, result=None):
+    def body(self, text, finish, usage_value=None, with_usage=False):
         body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "system_fingerprint": None,
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-        if result is not None:
-            body["usage"] = usage(result)
-        elif self.with_usage:
-            body["usage"] = None
+        if usage_value is not None or with_usage:
+            body["usage"] = usage_value  # None on all but the last chunk, as OpenAI does
         return body
 
     def whole(self, result):
-        return self._body(self.echo + result.text, result.finish_reason, result)
+        return self.body(self.echo + result.text, result.finish_reason, usage(result))
 
     def writer(self, with_usage):
+        return CompletionStream(self, with_usage)
+
+
+class CompletionStream:
+    """The SSE chunks of one streamed completion: the echoed prompt, one per text piece, the finish."""
+
+    def __init__(self, reply, with_usage):
+        self.reply = reply
         self.with_usage = with_usage
-        self.text = TextChunks(self._body(TextChunks.PLACEHOLDER, None))  # a chunk per text piece
-        return self
+        self.text = TextChunks(reply.body(TextChunks.PLACEHOLDER, None, with_usage=with_usage))
 
     def opening(self):
-        return sse(self._body(self.echo, None)) if self.echo else b""
+        return sse(self.reply.body(self.reply.echo, None, with_usage=self.with_usage)) if self.reply.echo else b""
 
     def closing(self, result):
-        out = sse(self._body("", result.finish_reason))
+        out = sse(self.reply.body("", result.finish_reason, with_usage=self.with_usage))
         if self.with_usage:
-            last = self._body("", None, result)
+            last = self.reply.body("", None, usage(result))
             last["choices"] = []
             out += sse(last)
         return out
@@ -329,7 +305,19 @@ def get_model(model_id):
     return jsonify(model_object())
 
 
-# -- streaming ---------------------------------------------------------------------------------------------
+# -- answering ---------------------------------------------------------------------------------------------
+def respond(run, reply, body):
+    """The answer as SSE when the request streams, else whole once the card is done."""
+    if body["stream"]:
+        return stream(run, reply.writer(include_usage(body)))
+    with run:
+        try:
+            result = run.start().result()
+        except ClientGone:
+            return Response(status=499)  # nobody is there to read it
+    return jsonify(reply.whole(result))
+
+
 def stream(run, writer):
     """SSE: wait for the card (errors before this point are plain HTTP errors), then stream; an error after
     the stream started is an error event, and the stream still ends with [DONE]."""

@@ -26,11 +26,18 @@ class ServerConfig(_Strict):
     port = fields.Integer(load_default=8000, validate=validate.Range(1, 65535))
     threads = fields.Integer(load_default=64, validate=validate.Range(2, 1024))
     max_body_bytes = fields.Integer(load_default=1 << 20, validate=validate.Range(1024, 1 << 30))
-    max_queue = fields.Integer(load_default=32, validate=validate.Range(0, 10000))
+    max_queue = fields.Integer(load_default=32, validate=validate.Range(1, 10000))
     queue_timeout = fields.Float(load_default=300.0, validate=validate.Range(min=0, min_inclusive=False))
     api_key = fields.Raw(load_default=None)
     cors_origins = fields.List(fields.String(), load_default=list)
     log_prompts = fields.Boolean(load_default=False)
+
+    @validates_schema
+    def _threads_for_the_queue(self, data, **kwargs):
+        # Every waiting request holds a thread; keep some for the running one, /health and /metrics.
+        if data.get("max_queue", 0) > data.get("threads", 0) - 4:
+            raise ValidationError(f"must be at most threads - 4 ({data.get('threads', 0) - 4}): each waiting "
+                                  "request holds a thread, and /health must still be answered", "max_queue")
 
     @validates_schema
     def _api_key(self, data, **kwargs):

@@ -84,7 +84,7 @@ class ToolCallParser:
     def parse(self, body):
         try:
             obj = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes: text
             return None
         if not isinstance(obj, dict):
             return None
@@ -93,7 +93,7 @@ class ToolCallParser:
         if isinstance(arguments, str):  # some answers carry the arguments as a JSON string
             try:
                 arguments = json.loads(arguments)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return None
         if not isinstance(name, str) or name not in self.tool_names or not isinstance(arguments, dict):
             return None
@@ -152,7 +152,7 @@ def arguments_object(arguments):
     if isinstance(arguments, str):
         try:
             parsed = json.loads(arguments)
-        except ValueError:
+        except (ValueError, RecursionError):
             return arguments
         return parsed if isinstance(parsed, dict) else arguments
     return arguments

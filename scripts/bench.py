@@ -131,8 +131,7 @@ class Service:
     def __init__(self, workdir, token_ms, trace=None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        settings = {"runner": {"binary": "emulator", "emulator": {"token_ms": token_ms, "trace": trace}},
-                    "server": {"max_queue": 64}}
+        settings = {"runner": {"binary": "emulator", "emulator": {"token_ms": token_ms, "trace": trace}}}
         (self.workdir / "config.yaml").write_text(json.dumps(settings))
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))

@@ -147,6 +147,22 @@ class LiveServer:
             time.sleep(0.05)
         raise RuntimeError("the service never became healthy:\n" + self.log())
 
+    def metric(self, name):
+        """A sample without labels from /metrics (qwen_chat_card_busy, qwen_chat_queue_depth, ...)."""
+        import httpx
+        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(name)
+
+    def wait_until_idle(self, timeout=3.0):
+        """Until the card is neither generating nor has anyone waiting; raises if it takes longer."""
+        import time
+        deadline = time.monotonic() + timeout
+        while self.metric("qwen_chat_card_busy") or self.metric("qwen_chat_queue_depth"):
+            assert time.monotonic() < deadline, "the card is still busy"
+            time.sleep(0.02)
+
     def worker_pids(self):
         return children(self.proc.pid)
 

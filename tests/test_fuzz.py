@@ -121,3 +121,19 @@ def test_bodies_and_headers_through_gunicorn(server, endpoint, headers):
     after = httpx.post(server.url + "/api/generate", json={"model": MODEL, "prompt": "ok?", "stream": False},
                        timeout=30)
     assert after.status_code == 200 and after.json()["response"].endswith('"ok?"')
+
+
+def test_absurdly_nested_bodies_are_400s(client):
+    # Regression: json.loads raises RecursionError (not ValueError) past ~1000 levels: that was a 500.
+    for path in ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate", "/api/show"):
+        response = client.post(path, data=b"[" * 50000 + b"]" * 50000, content_type="application/json")
+        check(path, response.status_code, response.get_data(), "application/json")
+        assert response.status_code == 400
+    # Deep, but parseable: the chat template's tojson cannot render it.
+    deep = "[" * 950 + '"x"' + "]" * 950  # written out: encoding it here would hit the same limit
+    body = ('{"model": "qwen2.5", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", '
+            '"function": {"name": "deep", "parameters": {"type": "object", "deep": ' + deep + '}}}]}')
+    response = client.post("/v1/chat/completions", data=body, content_type="application/json")
+    # Which limit is hit first (the parser's or the template's) depends on how deep the stack already is.
+    check("/v1/chat/completions", response.status_code, response.get_data(), "application/json")
+    assert response.status_code == 400

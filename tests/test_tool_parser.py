@@ -45,3 +45,9 @@ def test_invalid_blocks_and_unterminated_blocks_stay_text():
 def test_arguments_as_a_json_string_are_accepted():
     content, calls = collect(ToolCallParser(["f"]), '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>')
     assert content == "" and calls[0].arguments == {"a": 1}
+
+
+def test_absurdly_nested_json_from_the_model_stays_text():
+    text = "<tool_call>" + "[" * 5000 + "]" * 5000 + "</tool_call>"
+    content, calls = collect(ToolCallParser(["f"]), text)
+    assert content == text and calls == []
