@@ -5,6 +5,8 @@ import threading
 import time
 from pathlib import Path
 
+from flask import current_app
+
 from app.runner.card import Card
 from app.tokenizer.qwen import QwenTokenizer
 from app.tokenizer.service import TokenizerService
@@ -14,6 +16,11 @@ log = logging.getLogger(__name__)
 
 class SetupError(Exception):
     pass
+
+
+def current_backend():
+    """The Backend of the app handling this request (as flaskr's get_db())."""
+    return current_app.extensions["qwen"]
 
 
 @functools.lru_cache(maxsize=2)
@@ -62,6 +69,14 @@ class Backend:
             self._stopped = True
             self.card.stop()
             self.service.stop()
+
+    @functools.cached_property
+    def model_size(self):
+        """Bytes of the model folder (0 without one); read once, it does not change while we run."""
+        model_dir = Path(self.settings["model"]["dir"])
+        if not model_dir.is_dir():
+            return 0
+        return sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file() and ".git" not in p.parts)
 
     def knows_model(self, name):
         """The configured name or an alias, in any case; Ollama clients may add the default tag ":latest"."""

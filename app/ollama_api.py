@@ -4,10 +4,10 @@ import hashlib
 import json
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
+from app.backend import current_backend
 from app.errors import APIError
 from app.generation import CardRun, ClientGone, client_probe
 from app.requestlog import current_record, note_prompt
@@ -23,10 +23,6 @@ OLLAMA_VERSION = "0.11.0"
 NDJSON = "application/x-ndjson"
 
 
-def backend():
-    return current_app.extensions["qwen"]
-
-
 def now_iso():
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -36,7 +32,7 @@ def ns(seconds):
 
 
 def check_model(name):
-    if not backend().knows_model(name):
+    if not current_backend().knows_model(name):
         raise APIError(404, f'model "{name}" not found, try pulling it first')
 
 
@@ -165,7 +161,7 @@ def chat():
     raw = read_json('{"model": ..., "messages": [{"role": "user", "content": ...}]}')
     body = OLLAMA_CHAT_REQUEST.load(raw)
     check_model(body["model"])
-    be = backend()
+    be = current_backend()
     if not body["messages"]:
         return load_reply(body["model"], body["keep_alive"], message={"role": "assistant", "content": ""})
     options = body["options"] or {}
@@ -185,7 +181,7 @@ def generate():
     received = time.monotonic()
     body = OLLAMA_GENERATE_REQUEST.load(read_json('{"model": ..., "prompt": ...}'))
     check_model(body["model"])
-    be = backend()
+    be = current_backend()
     if not body["prompt"]:
         return load_reply(body["model"], body["keep_alive"], response="")
     options = body["options"] or {}
@@ -207,18 +203,11 @@ def generate():
 
 
 # -- models ------------------------------------------------------------------------------------------------
-def model_size():
-    model_dir = Path(backend().settings["model"]["dir"])
-    if not model_dir.is_dir():
-        return 0
-    return sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file() and ".git" not in p.parts)
-
-
 def model_entry():
-    be = backend()
+    be = current_backend()
     digest = hashlib.sha256(f"{be.model_name}@{be.settings['model']['dir']}".encode()).hexdigest()
     modified = datetime.fromtimestamp(be.created, timezone.utc).isoformat().replace("+00:00", "Z")
-    return {"name": be.model_name, "model": be.model_name, "modified_at": modified, "size": model_size(),
+    return {"name": be.model_name, "model": be.model_name, "modified_at": modified, "size": be.model_size,
             "digest": digest, "details": {
                 "parent_model": "", "format": "axmodel", "family": "qwen2", "families": ["qwen2"],
                 "parameter_size": "1.5B", "quantization_level": "GPTQ-Int4"}}
@@ -232,7 +221,7 @@ def tags():
 @bp.get("/api/ps")
 def running():
     """The model is "running" while the runner holds it on the card."""
-    if backend().card.state != "ready":
+    if current_backend().card.state != "ready":
         return jsonify({"models": []})
     entry = model_entry()
     expires = (datetime.now(timezone.utc) + timedelta(days=365)).isoformat().replace("+00:00", "Z")
@@ -245,7 +234,7 @@ def running():
 def show():
     body = OLLAMA_MODEL_REQUEST.load(read_json('{"model": ...}'))
     check_model(body["model"] or body["name"])
-    be = backend()
+    be = current_backend()
     entry = model_entry()
     sampling = be.settings["sampling"]
     parameters = "\n".join(f"{name:<20} {value}" for name, value in [

@@ -4,8 +4,9 @@ import logging
 import time
 import uuid
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
+from app.backend import current_backend
 from app.errors import APIError
 from app.generation import CardRun, ClientGone, client_probe
 from app.inputs import chat_prompt_ids, read_json
@@ -23,13 +24,9 @@ DONE = b"data: [DONE]\n\n"
 ARGUMENT_FRAGMENT = 32  # streamed tool-call arguments arrive in pieces of this many characters
 
 
-def backend():
-    return current_app.extensions["qwen"]
-
-
 def check_model(name):
-    if not backend().knows_model(name):
-        raise APIError(404, f"The model `{name}` does not exist. This server serves `{backend().model_name}`.",
+    if not current_backend().knows_model(name):
+        raise APIError(404, f"The model `{name}` does not exist. This server serves `{current_backend().model_name}`.",
                        param="model", code="model_not_found")
 
 
@@ -98,16 +95,18 @@ def template_messages(messages):
 
 
 def chat_tools(raw, body):
-    """The tools to render (as the client sent them) and the tool_choice instruction, if any."""
-    tools, choice = raw.get("tools") if body["tools"] else None, body["tool_choice"]
+    """(tools to render as the client sent them, their names, the tool_choice instruction or None)."""
+    tools = raw.get("tools") if body["tools"] else None
+    choice = body["tool_choice"]
     if choice == "none" or not tools:
         if choice not in (None, "none", "auto"):
             raise APIError(400, "`tool_choice` needs `tools`.", param="tool_choice")
-        return None, None
-    if isinstance(choice, dict) and choice["function"]["name"] not in tool_names(body["tools"]):
+        return None, [], None
+    names = tool_names(body["tools"])
+    if isinstance(choice, dict) and choice["function"]["name"] not in names:
         raise APIError(400, f"`tool_choice` names {choice['function']['name']!r}, which is not among the tools.",
                        param="tool_choice")
-    return tools, required_instruction(choice)
+    return tools, names, required_instruction(choice)
 
 
 @bp.post("/chat/completions")
@@ -115,9 +114,9 @@ def chat_completions():
     raw = read_json('{"model": ..., "messages": [{"role": "user", "content": ...}]}')
     body = CHAT_COMPLETION_REQUEST.load(raw)
     check_model(body["model"])
-    be = backend()
+    be = current_backend()
     messages = template_messages(body["messages"])
-    tools, instruction = chat_tools(raw, body)
+    tools, names, instruction = chat_tools(raw, body)
     if instruction:
         messages.append({"role": "system", "content": instruction})
     note_prompt(next((m["content"] for m in reversed(messages) if m["role"] in ("user", "tool")), ""))
@@ -125,8 +124,7 @@ def chat_completions():
     check_context(prompt_ids, "messages")
     run = CardRun(be, prompt_ids, body["max_completion_tokens"] or body["max_tokens"], body["stop"],
                   client_probe(request.environ), current_record())
-    return respond(run, ChatReply(be.model_name, tool_names(body["tools"]) if tools else [], body["tool_choice"]),
-                   body)
+    return respond(run, ChatReply(be.model_name, names, body["tool_choice"]), body)
 
 
 class ChatReply:
@@ -225,7 +223,7 @@ class ChatStream:
 def completions():
     body = COMPLETION_REQUEST.load(read_json('{"model": ..., "prompt": ...}'))
     check_model(body["model"])
-    be = backend()
+    be = current_backend()
     prompt = body["prompt"]
     if isinstance(prompt, str):
         prompt_ids = be.tokenizer.encode(prompt)
@@ -290,7 +288,7 @@ class CompletionStream:
 
 # -- models ------------------------------------------------------------------------------------------------
 def model_object():
-    be = backend()
+    be = current_backend()
     return {"id": be.model_name, "object": "model", "created": be.created, "owned_by": "qwen-chat"}
 
 

@@ -225,7 +225,8 @@ class ChatCompletionRequest(_Sampling):
     model = fields.String(required=True, validate=validate.Length(min=1))
     messages = fields.List(fields.Nested(ChatMessage), required=True, validate=validate.Length(
         min=1, error="At least one message is required."))
-    max_completion_tokens = fields.Integer(strict=True, load_default=None, allow_none=True, validate=validate.Range(min=1))
+    max_completion_tokens = fields.Integer(strict=True, load_default=None, allow_none=True,
+                                           validate=validate.Range(min=1))
     logprobs = JsonBool(load_default=None, allow_none=True)
     top_logprobs = fields.Integer(strict=True, load_default=None, allow_none=True)
     response_format = fields.Dict(load_default=None, allow_none=True)
@@ -314,6 +315,11 @@ class OllamaOptions(_Lenient):
     seed = fields.Integer(strict=True, load_default=None, allow_none=True)
 
 
+def refuse_images(data):
+    if data.get("images"):
+        raise ValidationError("this model reads text only; images are not supported", "images")
+
+
 class OllamaToolCallFunction(_Lenient):
     name = fields.String(required=True)
     arguments = fields.Dict(load_default=dict)
@@ -332,8 +338,7 @@ class OllamaMessage(_Lenient):
 
     @validates_schema
     def _text_only(self, data, **kwargs):
-        if data.get("images"):
-            raise ValidationError("this model reads text only; images are not supported", "images")
+        refuse_images(data)
 
 
 class _OllamaRequest(_Lenient):
@@ -372,8 +377,7 @@ class OllamaGenerateRequest(_OllamaRequest):
 
     @validates_schema
     def _generate_features(self, data, **kwargs):
-        if data.get("images"):
-            raise ValidationError("this model reads text only; images are not supported", "images")
+        refuse_images(data)
         if data.get("suffix"):
             raise ValidationError("suffix (fill-in-the-middle) is not supported", "suffix")
         if data.get("template"):

@@ -18,6 +18,7 @@ tokenizer), no Flask, no HTTP client. Service and baseline rounds alternate, so 
 5. Start-up: process start to /health ok with the emulated runner at 0 ms (the service's own cost).
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -96,7 +97,7 @@ class Baseline:
                    QWEN_EMULATOR_TOKENIZER=str(tokenizer_dir))
         command = [sys.executable, "-m", "app.runner.emulator"] + protocol.vendor_flags(str(workdir), self.service.url)
         self.child = pexpect.spawn(command[0], command[1:], cwd=str(workdir), env=env, echo=False, timeout=600,
-                                   use_poll=True, preexec_fn=lambda parent=os.getpid(): _child_setup(parent))
+                                   use_poll=True, preexec_fn=functools.partial(_child_setup, os.getpid()))
         self.child.delaybeforesend = None
         self.child.expect_exact(protocol.READY_PROMPT)
 
@@ -271,7 +272,7 @@ def saturation(runs, tmp, clients=16):
         starts = [t for kind, t in marks if kind == "start"]
         ends = [t for kind, t in marks if kind == "end"]
         assert len(starts) == len(ends) == clients
-        busy = sum(e - s for s, e in zip(starts, ends))
+        busy = sum(e - s for s, e in zip(starts, ends, strict=True))
         shares.append(busy / (max(ends) - min(starts)))
     return shares
 

@@ -9,6 +9,7 @@ its work (matching every chunk against /decode answers, decoding ids, stop and l
 alternate between the two so machine noise hits both alike; medians and the ratio are printed.
 """
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -72,7 +73,7 @@ def main():
         runner = Runner(command, service, tmp, env=emulator_env(tokenizer, args.token_ms, tmp / "driver.trace"))
         bare = pexpect.spawn(command[0], command[1:], cwd=str(tmp), echo=False, timeout=120, use_poll=True,
                              env=emulator_env(tokenizer, args.token_ms, tmp / "bare.trace"),
-                             preexec_fn=lambda parent=os.getpid(): _child_setup(parent))
+                             preexec_fn=functools.partial(_child_setup, os.getpid()))
         bare.delaybeforesend = None
         bare.expect_exact(protocol.READY_PROMPT)
         driver_rates, bare_rates = [], []
@@ -92,7 +93,8 @@ def main():
           f"(min {min(bare_rates):.0f}, max {max(bare_rates):.0f})")
     print(f"  driver (Runner)     median {statistics.median(driver_rates):8.0f} tokens/s  "
           f"(min {min(driver_rates):.0f}, max {max(driver_rates):.0f})")
-    print(f"  ratio driver/bare   {statistics.median(driver_rates) / statistics.median(bare_rates):.3f}   (goal >= 0.9)")
+    ratio = statistics.median(driver_rates) / statistics.median(bare_rates)
+    print(f"  ratio driver/bare   {ratio:.3f}   (goal >= 0.9)")
     print(f"  /decode round trip seen by the runner during the driver's generations: n={len(decode_ms)}  "
           f"p50 {percentile(decode_ms, 50):.2f} ms  p99 {percentile(decode_ms, 99):.2f} ms  "
           f"max {max(decode_ms):.2f} ms   (goal p99 < 5 ms)")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from app.runner.card import Card, CardUnavailable
-from app.runner.errors import CardDead, RunnerDied, RunnerStalled
+from app.runner.errors import CardDead, RunnerStalled
 from conftest import PROJECT_DIR
 
 HOLD_CARD = Path(__file__).with_name("helpers") / "hold_card.py"

@@ -1,6 +1,8 @@
 """The emulated runner against what the real main_axcl does (PROTOCOL.md and the raw session fixture)."""
+import functools
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -25,7 +27,7 @@ def spawn(tokenizer, service, cwd, **settings):
     """The emulator under a pty, as the driver spawns it (no output translation, echo off)."""
     child = pexpect.spawn(EMULATOR[0], EMULATOR[1:] + protocol.vendor_flags(str(cwd / "model"), service.url),
                           cwd=str(cwd), env=emulator_env(tokenizer, **settings), echo=False, timeout=20,
-                          preexec_fn=lambda parent=__import__("os").getpid(): _child_setup(parent))
+                          preexec_fn=functools.partial(_child_setup, os.getpid()))
     child.delaybeforesend = None
     return child
 

@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 
-from conftest import children
 
 MODEL = "qwen2.5"
 

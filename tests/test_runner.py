@@ -230,6 +230,7 @@ print("END", flush=True)
 def test_interrupting_never_loses_output_in_flight():
     # Regression: ^C through the pty made the terminal flush output the runner had written but we had
     # not read yet (~100 losses in this loop), so a printed chunk vanished and the generation stalled.
+    import functools
     import os
     import re
     import sys
@@ -239,7 +240,7 @@ def test_interrupting_never_loses_output_in_flight():
     from app.runner.driver import _child_setup, interrupt
 
     child = pexpect.spawn(sys.executable, ["-c", WRITER], echo=False, timeout=30, use_poll=True,
-                          preexec_fn=lambda parent=os.getpid(): _child_setup(parent))
+                          preexec_fn=functools.partial(_child_setup, os.getpid()))
     child.expect_exact(b"READY")
     data = bytearray(child.buffer)
     interrupts = 0

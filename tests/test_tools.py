@@ -159,8 +159,10 @@ def test_prompt_ids_of_a_tool_conversation_are_the_templates(client, tokenizer, 
         {"role": "system", "content": "You help."},
         {"role": "user", "content": "weather in Paris and Rome?"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'}},
-            {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"location": "Rome"}'}}]},
+            {"id": "call_a", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"location": "Paris"}'}},
+            {"id": "call_b", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"location": "Rome"}'}}]},
         # Results sent out of order: they are put back in the order of the calls.
         {"role": "tool", "tool_call_id": "call_b", "content": "rain"},
         {"role": "tool", "tool_call_id": "call_a", "content": "sun"},

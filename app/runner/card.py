@@ -16,7 +16,7 @@ from pathlib import Path
 
 from app.runner.command import check_installation, choose_program, prepare_workdir, runner_env
 from app.runner.driver import Runner
-from app.runner.errors import CardBusy, CardDead, RunnerError, RunnerStartError
+from app.runner.errors import CardBusy, CardDead, RunnerError
 from app.runner import protocol
 
 log = logging.getLogger(__name__)

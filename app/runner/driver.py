@@ -15,6 +15,7 @@ prompt and returns its result. The design follows PROTOCOL.md's traps:
 """
 import ctypes
 import errno
+import functools
 import logging
 import os
 import select
@@ -129,7 +130,7 @@ class Runner:
             self.child = pexpect.spawn(
                 self.command[0], self.command[1:], cwd=str(cwd), env=env, echo=False, encoding=None,
                 timeout=None, use_poll=True, dimensions=(24, 4000),
-                preexec_fn=lambda parent=os.getpid(): _child_setup(parent))
+                preexec_fn=functools.partial(_child_setup, os.getpid()))
         except pexpect.ExceptionPexpect as exc:
             raise RunnerStartError(f"cannot start the runner {self.command[0]}: {exc}") from None
         except OSError as exc:

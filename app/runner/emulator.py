@@ -308,13 +308,13 @@ class Emulator:
             self.eos_id = self.client.call("GET", "/eos_id")["eos_id"]
         except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
             out(protocol.log_line("E", "Init", 131, "tokenizer init failed"))
-            raise Stop(1)
+            raise Stop(1) from None
         out(f"bos_id: {bos}, eos_id: {self.eos_id}\n".encode())
         try:
             self.tokenizer = load_tokenizer(self.opts)
-        except (OSError, ValueError, Exception) as exc:  # tokenizers raises its own Exception type
+        except Exception as exc:  # OSError, or whatever tokenizers raises for a bad file
             out(protocol.log_line("E", "Init", 140, f"emulator: cannot load a tokenizer: {exc}"))
-            raise Stop(1)
+            raise Stop(1) from None
         default_load_ms = "300" if fault == "slow_start" else "0"
         load_s = float(os.environ.get("QWEN_EMULATOR_LOAD_MS", default_load_ms)) / 1000.0
         self.progress(load_s)
@@ -374,7 +374,7 @@ class Emulator:
             prompt_ids = self.client.call("POST", "/encode", {"text": line})["token_ids"]
         except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
             out(protocol.log_line("E", "Encode", 61, "encode request failed"))
-            raise Stop(1)  # PROTOCOL.md: a failed /encode is not retried and can crash the runner
+            raise Stop(1) from None  # PROTOCOL.md: a failed /encode is not retried and can crash the runner
         self.record(f"start {time.time():.6f}")
         fault, fault_after = current_fault()
         started = time.monotonic()

@@ -28,7 +28,8 @@ TEMPLATE_FILE = Path(__file__).with_name("qwen2.5_chat_template.jinja")
 
 # Qwen2's pre-tokenizer split: like cl100k, but digits are split one by one.
 SPLIT_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 FIRST_ADDED_ID = 151643
 # Qwen2.5's added tokens in id order (151643...151664). The first 14 are special (skipped by
