@@ -341,7 +341,10 @@ class Runner:
 
     @staticmethod
     def _moved_on(buf, pos, calls):
-        """Whether what the runner printed at `pos` comes after calls[0]: the next chunk's text, or the end."""
+        """Whether calls[0] is a live chunk (at most 3 ids) the runner went past without printing it: what it
+        printed at `pos` is the next chunk's text, or the end."""
+        if len(calls[0].ids) > 3:
+            return False
         if len(calls) > 1 and calls[1].printed and buf.startswith(calls[1].printed.encode("utf-8"), pos):
             return True
         return not calls[0].maybe_final and protocol.END_RE.match(buf, pos) is not None
