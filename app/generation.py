@@ -3,11 +3,14 @@ limit, and clients that go away. The OpenAI and Ollama views differ only in how 
 import socket
 import time
 
+from flask import Response
+
 from app.errors import APIError
 from app.runner.card import CardUnavailable, QueueFull
 from app.runner.errors import RunnerError
 
 POLL_SECONDS = 0.25  # how often a waiting request looks for its client having left
+CLIENT_CLOSED = 499  # nginx's code for "the client closed the request": nobody reads the response
 
 
 class ClientGone(Exception):
@@ -63,6 +66,7 @@ class CardRun:
         self.wall_timeout = settings["generation"]["timeout"]
         self.heartbeat = settings["generation"]["heartbeat_seconds"]
         self.job = None
+        self.started_at = None  # when the card took the job
         self.timed_out = False
         self.record = record  # the request's RequestRecord (requestlog.py), filled in as things happen
         if record is not None:
@@ -87,8 +91,9 @@ class CardRun:
             if event is not None:
                 kind, value = event
                 if kind == "started":
+                    self.started_at = time.monotonic()
                     if self.record is not None:
-                        self.record.queue_wait = time.monotonic() - self.record.received
+                        self.record.queue_wait = self.started_at - self.record.received
                     return self
                 if kind == "error":
                     raise card_error(value)
@@ -154,3 +159,43 @@ class CardRun:
         for kind, value in self.events():
             if kind == "done":
                 return value
+
+
+def serve(run, stream, whole, write, mimetype, headers=None):
+    """The HTTP response for one request's run, for either API.
+
+    Waits for the card first, so a full or failed card is a plain HTTP error. Then `whole(result)` makes a
+    plain answer, or the stream is `write(kind, value)` for each event: "open" first, then "text",
+    "heartbeat" and "done", an "error" (an APIError) if the card fails mid-stream, and "end" last.
+    """
+    try:
+        run.start()
+    except ClientGone:
+        return Response(status=CLIENT_CLOSED)
+    if not stream:
+        with run:
+            try:
+                result = run.result()
+            except ClientGone:
+                return Response(status=CLIENT_CLOSED)
+        return whole(result)
+
+    def events():
+        yield "open", None
+        try:
+            yield from run.events()
+        except APIError as error:
+            yield "error", error
+        except ClientGone:
+            return
+        yield "end", None
+
+    def body():
+        # An empty chunk can read as the end of a chunked body to some servers: never send one.
+        return (data for data in (write(kind, value) for kind, value in events()) if data)
+
+    response = Response(body(), mimetype=mimetype, headers=headers)
+    # The server closes the response when the stream ends or the client goes, even if the body was never
+    # iterated: either way the card is freed at once.
+    response.call_on_close(lambda: run.__exit__(None, None, None))
+    return response

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from app.backend import current_backend
 from app.errors import APIError
-from app.generation import CardRun, ClientGone, client_probe
+from app.generation import CardRun, client_probe, serve
 from app.requestlog import current_record, note_prompt
 from app.inputs import chat_prompt_ids, read_json
 from app.runner.protocol import MAX_TOKEN_LEN
@@ -110,37 +110,25 @@ def line(obj):
 
 
 def answer(run, reply, stream, extra=lambda result: None):
-    """Run the job; one JSON object, or NDJSON lines ending with the `done` one."""
-    try:
-        run.start()
-    except ClientGone:
-        return Response(status=499)
-    waited = time.monotonic() - reply.received
-    if not stream:
-        with run:
-            try:
-                result = run.result()
-            except ClientGone:
-                return Response(status=499)
+    """One JSON object, or NDJSON lines ending with the `done` one (no heartbeats: Ollama sends none)."""
+    def whole(result):
         content, calls = collect(reply.parser, result.text)
-        return jsonify(reply.final(result, waited, extra(result), content, calls))
+        return jsonify(reply.final(result, waited(), extra(result), content, calls))
 
-    def body():
-        try:
-            for kind, value in run.events():
-                if kind == "text":
-                    yield b"".join(line(obj) for obj in reply.pieces(reply.parser.feed(value)))
-                elif kind == "done":
-                    yield b"".join(line(obj) for obj in reply.pieces(reply.parser.finish()))
-                    yield line(reply.final(value, waited, extra(value)))
-        except APIError as error:
-            yield line(error.ollama_body())
-        except ClientGone:
-            return
+    def waited():
+        return run.started_at - reply.received
 
-    response = Response(body(), mimetype=NDJSON)
-    response.call_on_close(lambda: run.__exit__(None, None, None))
-    return response
+    def write(kind, value):
+        if kind == "text":
+            return b"".join(line(obj) for obj in reply.pieces(reply.parser.feed(value)))
+        if kind == "done":
+            return (b"".join(line(obj) for obj in reply.pieces(reply.parser.finish()))
+                    + line(reply.final(value, waited(), extra(value))))
+        if kind == "error":
+            return line(value.ollama_body())
+        return b""  # open, heartbeat, end
+
+    return serve(run, stream, whole, write, NDJSON)
 
 
 def template_messages(messages):

@@ -4,11 +4,11 @@ import logging
 import time
 import uuid
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from app.backend import current_backend
 from app.errors import APIError
-from app.generation import CardRun, ClientGone, client_probe
+from app.generation import CardRun, client_probe, serve
 from app.inputs import chat_prompt_ids, read_json
 from app.requestlog import current_record, note_prompt
 from app.runner.protocol import MAX_TOKEN_LEN
@@ -306,42 +306,20 @@ def get_model(model_id):
 # -- answering ---------------------------------------------------------------------------------------------
 def respond(run, reply, body):
     """The answer as SSE when the request streams, else whole once the card is done."""
-    if body["stream"]:
-        return stream(run, reply.writer(include_usage(body)))
-    with run:
-        try:
-            result = run.start().result()
-        except ClientGone:
-            return Response(status=499)  # nobody is there to read it
-    return jsonify(reply.whole(result))
+    writer = reply.writer(include_usage(body)) if body["stream"] else None
 
+    def write(kind, value):
+        if kind == "open":
+            return writer.opening()
+        if kind == "text":
+            return writer.text(value)
+        if kind == "heartbeat":
+            return HEARTBEAT
+        if kind == "done":
+            return writer.closing(value)
+        if kind == "error":
+            return sse(value.openai_body())
+        return DONE  # "end": after the answer, or after an error event
 
-def stream(run, writer):
-    """SSE: wait for the card (errors before this point are plain HTTP errors), then stream; an error after
-    the stream started is an error event, and the stream still ends with [DONE]."""
-    try:
-        run.start()
-    except ClientGone:
-        return Response(status=499)
-
-    def body():
-        yield writer.opening()
-        try:
-            for kind, value in run.events():
-                if kind == "text":
-                    yield writer.text(value)
-                elif kind == "heartbeat":
-                    yield HEARTBEAT
-                elif kind == "done":
-                    yield writer.closing(value)
-        except APIError as error:
-            yield sse(error.openai_body())
-        except ClientGone:
-            return
-        yield DONE
-
-    response = Response(body(), mimetype="text/event-stream", headers=SSE_HEADERS)
-    # The server closes the response when the stream ends or the client goes, even if the body was never
-    # iterated: either way the card is freed at once.
-    response.call_on_close(lambda: run.__exit__(None, None, None))
-    return response
+    return serve(run, body["stream"], lambda result: jsonify(reply.whole(result)), write,
+                 "text/event-stream", SSE_HEADERS)
