@@ -16,6 +16,36 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 EMULATOR = [sys.executable, "-m", "app.runner.emulator"]
 
 
+def said(text):
+    """The emulated runner's answer to a last user turn (or raw prompt) of `text`."""
+    return f'Emulated runner (no NPU card here). You said: "{text}"'
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    """Poll a condition until it holds, with a deadline (a service still starting may refuse connections)."""
+    import time
+    import httpx
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def alive(pid):
+    """Whether a process exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return QwenTokenizer(config.load({})["model"]["tokenizer_dir"])
@@ -156,12 +186,13 @@ class LiveServer:
         raise KeyError(name)
 
     def wait_until_idle(self, timeout=3.0):
-        """Until the card is neither generating nor has anyone waiting; raises if it takes longer."""
-        import time
-        deadline = time.monotonic() + timeout
-        while self.metric("qwen_chat_card_busy") or self.metric("qwen_chat_queue_depth"):
-            assert time.monotonic() < deadline, "the card is still busy"
-            time.sleep(0.02)
+        """Until the card is neither generating nor has anyone waiting."""
+        wait_for(lambda: not self.metric("qwen_chat_card_busy") and not self.metric("qwen_chat_queue_depth"),
+                 timeout, "an idle card")
+
+    def wait_until_busy(self, timeout=30.0):
+        """Until the card is generating."""
+        wait_for(lambda: self.metric("qwen_chat_card_busy") == 1, timeout, "a busy card")
 
     def worker_pids(self):
         return children(self.proc.pid)

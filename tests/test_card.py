@@ -11,27 +11,14 @@ from pathlib import Path
 import pytest
 
 from app.runner.card import Card, CardUnavailable
-from app.runner.errors import CardDead, RunnerStalled
-from conftest import PROJECT_DIR
+from app.runner.errors import CardDead, RunnerError, RunnerStalled
+from conftest import PROJECT_DIR, alive, said, wait_for
 
 HOLD_CARD = Path(__file__).with_name("helpers") / "hold_card.py"
 
 
 def ask(tokenizer, text):
     return tokenizer.chat_ids([{"role": "user", "content": text}])
-
-
-def said(text):
-    return f'Emulated runner (no NPU card here). You said: "{text}"'
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    """Poll a condition with a deadline (a condition, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_first_come_first_served_each_with_its_own_answer(make_card, tokenizer):
@@ -117,13 +104,20 @@ def test_start_failure_makes_the_card_unavailable_until_it_recovers(make_card, t
     assert card.submit(ask(tokenizer, "back")).result(timeout=30).text == said("back")
 
 
-def test_backoff_grows_and_is_capped(make_card, tmp_path):
-    fault_file = tmp_path / "fault"
-    fault_file.write_text("start_fail")
-    card = make_card(emulator={"fault_file": str(fault_file)}, backoff_initial=0.1, backoff_max=0.4)
-    wait_for(lambda: card.failures >= 4, what="four failed starts")
-    # 0.1, 0.2, 0.4, 0.4: no restart storm, and no waiting longer than the cap.
-    assert card.retry_at - time.monotonic() <= 0.4
+def test_backoff_grows_and_is_capped(tokenizer, service, tmp_path):
+    # The restart policy, driven directly on a card that is not started: the delays double up to the cap,
+    # and three failures in a row make the card unavailable (503 at once instead of queueing).
+    card = Card(tokenizer, service, model_dir=tmp_path, binary="emulator", workdir=tmp_path / "w",
+                lock_path=tmp_path / "lock", backoff_initial=0.1, backoff_max=0.4)
+    delays, states = [], []
+    for _ in range(5):
+        before = time.monotonic()
+        card._failed(RunnerError("it broke"), unavailable=False)
+        delays.append(round(card.retry_at - before, 2))
+        states.append(card.state)
+    assert delays == [0.1, 0.2, 0.4, 0.4, 0.4]
+    assert states == ["loading", "loading", "unavailable", "unavailable", "unavailable"]
+    assert card._retry_after() == 1  # whole seconds for Retry-After, never 0
 
 
 def test_missing_binary_is_one_clear_message(tokenizer, service, tmp_path):
@@ -166,15 +160,6 @@ def test_a_second_process_on_the_same_card_is_refused(make_card, tmp_path):
     finally:
         proc.kill()
         proc.wait()
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return stat[0] != "Z"
 
 
 def test_sigkill_of_the_parent_leaves_no_runner(tmp_path):

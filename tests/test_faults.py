@@ -10,26 +10,10 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import alive, said, wait_for
 
 
 MODEL = "qwen2.5"
-
-
-def said(text):
-    return f'Emulated runner (no NPU card here). You said: "{text}"'
-
-
-def wait_for(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if predicate():
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def health(server):
@@ -153,10 +137,6 @@ def test_fifty_clients_and_a_small_queue(start_server):
     assert answers and refused  # the queue limit was reached, and the card still served
 
 
-def metric(server, name):
-    return server.metric(name)
-
-
 def test_a_hundred_random_disconnects_never_leave_the_card_busy(start_server):
     server = start_server(runner={"emulator": {"token_ms": 1}})
     rng = random.Random(5)
@@ -173,14 +153,11 @@ def test_a_hundred_random_disconnects_never_leave_the_card_busy(start_server):
             pass
 
     threads = [threading.Thread(target=abandon, args=(i,)) for i in range(100)]
-    for i, t in enumerate(threads):
+    for t in threads:
         t.start()
-        if i % 10 == 9:
-            time.sleep(0.05)
     for t in threads:
         t.join(60)
-    wait_for(lambda: metric(server, "qwen_chat_card_busy") == 0 and metric(server, "qwen_chat_queue_depth") == 0,
-             timeout=30, what="an idle card")
+    server.wait_until_idle(timeout=30)
     started = time.monotonic()
     assert chat(server, "final").json()["choices"][0]["message"]["content"] == said("final")
     assert time.monotonic() - started < 5
@@ -190,15 +167,15 @@ def test_a_waiter_that_disconnects_leaves_the_queue_at_once(start_server):
     server = start_server(runner={"emulator": {"token_ms": 10}})
     long = threading.Thread(target=chat, args=(server, "count to 600"))  # keeps the card busy for seconds
     long.start()
-    wait_for(lambda: metric(server, "qwen_chat_card_busy") == 1, what="a busy card")
+    server.wait_until_busy()
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "waiting"}]}).encode()
     waiter = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
     waiter.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    wait_for(lambda: metric(server, "qwen_chat_queue_depth") == 1, what="the waiter in line")
+    wait_for(lambda: server.metric("qwen_chat_queue_depth") == 1, what="the waiter in line")
     waiter.close()
-    wait_for(lambda: metric(server, "qwen_chat_queue_depth") == 0, timeout=2, what="the waiter to leave")
-    assert metric(server, "qwen_chat_card_busy") == 1  # long before the long answer ends
+    wait_for(lambda: server.metric("qwen_chat_queue_depth") == 0, timeout=2, what="the waiter to leave")
+    assert server.metric("qwen_chat_card_busy") == 1  # long before the long answer ends
     long.join(60)
 
 
@@ -206,7 +183,7 @@ def test_queue_timeout(start_server):
     server = start_server(server={"queue_timeout": 0.5}, runner={"emulator": {"token_ms": 10}})
     long = threading.Thread(target=chat, args=(server, "count to 300"))
     long.start()
-    wait_for(lambda: metric(server, "qwen_chat_card_busy") == 1, what="a busy card")
+    server.wait_until_busy()
     response = chat(server, "too late")
     assert response.status_code == 503 and response.json()["error"]["code"] == "queue_timeout"
     assert response.headers["Retry-After"]
@@ -221,14 +198,6 @@ def test_wall_clock_timeout_ends_as_length(start_server):
     elapsed = time.monotonic() - started
     assert body["choices"][0]["finish_reason"] == "length"
     assert 0 < body["usage"]["completion_tokens"] < 150 and elapsed < 5
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
-        return False
 
 
 def test_sigkill_of_the_worker_leaves_no_runner(start_server):

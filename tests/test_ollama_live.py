@@ -5,12 +5,9 @@ import httpx
 import ollama
 import openai
 import pytest
+from conftest import said
 
 MODEL = "Qwen2.5-1.5B-Instruct"
-
-
-def said(text):
-    return f'Emulated runner (no NPU card here). You said: "{text}"'
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,9 @@
 import json
 
 import pytest
+from conftest import said
 
 MODEL = "Qwen2.5-1.5B-Instruct"
-
-
-def said(text):
-    return f'Emulated runner (no NPU card here). You said: "{text}"'
 
 
 def chat(client, **body):

@@ -6,12 +6,9 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import said
 
 MODEL = "Qwen2.5-1.5B-Instruct"
-
-
-def said(text):
-    return f'Emulated runner (no NPU card here). You said: "{text}"'
 
 
 def client_for(server, **kwargs):
@@ -148,23 +145,14 @@ def test_disconnect_mid_stream_frees_the_card(start_server):
     assert done.choices[0].message.content == said("next")
 
 
-def wait_until_busy(server, timeout=30):
-    """Until the card is generating (the emulator's trace says a generation started)."""
-    trace = server.workdir / "trace"
-    deadline = time.monotonic() + timeout
-    while not (trace.exists() and trace.read_text().count("start") > trace.read_text().count("end")):
-        assert time.monotonic() < deadline, "the card never started generating"
-        time.sleep(0.01)
-
-
-def test_disconnect_while_waiting_for_a_plain_answer_frees_the_card(start_server, tmp_path):
-    server = start_server(runner={"emulator": {"token_ms": 20, "trace": str(tmp_path / "server0" / "trace")}})
+def test_disconnect_while_waiting_for_a_plain_answer_frees_the_card(start_server):
+    server = start_server(runner={"emulator": {"token_ms": 20}})
     host, port = server.url.rsplit(":", 1)
     body = b'{"model": "qwen2.5", "max_tokens": 1024, "messages": [{"role": "user", "content": "count to 3000"}]}'
     sock = socket.create_connection(("127.0.0.1", int(port)))
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    wait_until_busy(server)
+    server.wait_until_busy()
     sock.close()  # never reads the answer
     server.wait_until_idle(timeout=3)  # freed at once, not after the ~20 s answer
     done = client_for(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "after"}])

@@ -5,12 +5,9 @@ import pytest
 
 from app.runner import protocol
 from app.runner.errors import CardDead, RunnerDied, RunnerStalled, RunnerStartError
+from conftest import said
 
 SPLIT_TEXT = "你好，世界 🎉🎉 emoji 👨‍👩‍👧 done"
-
-
-def reply_to(text):
-    return f'Emulated runner (no NPU card here). You said: "{text}"'
 
 
 def chat(tokenizer, *turns, system=None):
@@ -37,7 +34,7 @@ def test_multi_turn_with_system_prompt_newlines_cjk_and_emoji(runner, tokenizer)
     ids = chat(tokenizer, "first\nquestion", "an answer", last, system="Be brief.\nReally brief.")
     result, pieces = generate(runner, ids)
     # One line went to the runner; the whole conversation, newlines included, reached it via /encode.
-    assert result.text == reply_to(last)
+    assert result.text == said(last)
     assert result.prompt_tokens == len(ids)
     assert result.ids == tokenizer.encode(result.text)
     assert result.finish_reason == "stop"
@@ -52,14 +49,14 @@ def test_multi_turn_with_system_prompt_newlines_cjk_and_emoji(runner, tokenizer)
 ])
 def test_text_that_looks_like_framing_comes_back_byte_exact(runner, tokenizer, text):
     result, _ = generate(runner, chat(tokenizer, text))
-    assert result.text == reply_to(text)
+    assert result.text == said(text)
     # ...and the runner is left at its prompt: the next generation is clean.
-    assert generate(runner, chat(tokenizer, "next"))[0].text == reply_to("next")
+    assert generate(runner, chat(tokenizer, "next"))[0].text == said("next")
 
 
 def test_multibyte_character_split_across_chunks(runner, tokenizer):
     result, pieces = generate(runner, chat(tokenizer, SPLIT_TEXT))
-    assert result.text == reply_to(SPLIT_TEXT)
+    assert result.text == said(SPLIT_TEXT)
     assert not any("\ufffd" in piece for piece in pieces)
     # The reply really does split a character between the runner's 3-id chunks.
     chunks = [result.ids[i:i + 3] for i in range(0, len(result.ids), 3)]
@@ -72,12 +69,12 @@ def test_max_tokens_is_exact(runner, tokenizer, max_tokens):
     assert len(result.ids) == max_tokens
     assert result.text == tokenizer.decode(result.ids)
     assert result.finish_reason == "length"
-    assert generate(runner, chat(tokenizer, "after"))[0].text == reply_to("after")
+    assert generate(runner, chat(tokenizer, "after"))[0].text == said("after")
 
 
 def test_max_tokens_beyond_the_answer_is_a_normal_stop(runner, tokenizer):
     result, _ = generate(runner, chat(tokenizer, "short"), max_tokens=500)
-    assert result.text == reply_to("short") and result.finish_reason == "stop"
+    assert result.text == said("short") and result.finish_reason == "stop"
 
 
 def test_stop_string_spanning_two_chunks(runner, tokenizer):
@@ -110,7 +107,7 @@ def test_the_1024_token_window_ends_as_length(runner, tokenizer):
     # printed but come with the final /decode, and they are part of the result.
     assert len(result.ids) == protocol.MAX_TOKEN_LEN + 1 - len(ids)
     assert result.text == tokenizer.decode(result.ids)
-    assert generate(runner, chat(tokenizer, "after the window"))[0].text == reply_to("after the window")
+    assert generate(runner, chat(tokenizer, "after the window"))[0].text == said("after the window")
 
 
 def test_prompt_of_1024_tokens_yields_one_id(runner, tokenizer):
@@ -133,7 +130,7 @@ def test_cancel_mid_reply_then_a_normal_request(make_runner, tokenizer):
     assert result.finish_reason == "cancelled"
     assert 0 < len(result.ids) < 100
     after, _ = generate(runner, chat(tokenizer, "and now?"))
-    assert after.text == reply_to("and now?")
+    assert after.text == said("and now?")
 
 
 def test_timings_are_reported(make_runner, tokenizer):
@@ -213,7 +210,7 @@ def test_back_to_back_interrupted_generations(runner, tokenizer):
         limited, _ = generate(runner, long_ids, max_tokens=1 + i % 5)
         assert len(limited.ids) == 1 + i % 5
         follow, _ = generate(runner, chat(tokenizer, f"follow {i}"))
-        assert follow.text == reply_to(f"follow {i}") and follow.finish_reason == "stop"
+        assert follow.text == said(f"follow {i}") and follow.finish_reason == "stop"
 
 
 WRITER = """
@@ -283,12 +280,12 @@ def test_a_decode_answer_later_than_the_runners_timeout(make_runner, tokenizer, 
     runner = make_runner(stall_timeout=5)
     calls = slow_decode(nth=2, seconds=1.3)
     result, pieces = generate(runner, chat(tokenizer, "late answer"))
-    assert result.text == reply_to("late answer") and result.finish_reason == "stop"
+    assert result.text == said("late answer") and result.finish_reason == "stop"
     assert result.ids == tokenizer.encode(result.text)
     live_chunks = -(-len(result.ids) // 3)  # chunks of 3 ids, the last one shorter (flushed at eos)
     assert len(calls) == live_chunks + 2  # one chunk asked for twice, and the final call with all ids
     assert calls[1] == calls[2]
-    assert generate(runner, chat(tokenizer, "after"))[0].text == reply_to("after")
+    assert generate(runner, chat(tokenizer, "after"))[0].text == said("after")
 
 
 def test_a_decode_that_fails_twice_prints_nothing_but_counts(make_runner, tokenizer, slow_decode):
@@ -297,7 +294,7 @@ def test_a_decode_that_fails_twice_prints_nothing_but_counts(make_runner, tokeni
     slow_decode(nth=2, seconds=1.3)
     slow_decode(nth=3, seconds=1.3)  # the retry is late too
     result, _ = generate(runner, chat(tokenizer, "twice late"))
-    assert result.text == reply_to("twice late")  # the unprinted chunk's text comes from its ids
+    assert result.text == said("twice late")  # the unprinted chunk's text comes from its ids
     assert result.ids == tokenizer.encode(result.text)
 
 
