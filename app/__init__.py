@@ -36,10 +36,11 @@ def create_app(test_config=None):
     atexit.register(backend.stop)
 
     register_error_handlers(app)
-    auth.init_app(app)
-    cors.init_app(app)         # before auth: preflights carry no key
-    requestlog.init_app(app)   # first of all: every request gets an id, errors included
-    metrics.init_app(app, backend)
+    # before_request hooks run in the order they are registered here (after_request ones in reverse).
+    requestlog.init_app(app)        # first: every request gets an id and a log record, errors included
+    cors.init_app(app)              # then CORS: a preflight carries no key
+    auth.init_app(app)              # then the API key
+    metrics.init_app(app, backend)  # counts what requestlog records (it adds itself as an observer)
     app.register_blueprint(health.bp)
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(ollama_api.bp)

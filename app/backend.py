@@ -1,4 +1,5 @@
-"""What both APIs stand on: the tokenizer, its HTTP service for the runner, the card, the model's names."""
+"""What both APIs stand on: the tokenizer, the card (with the runner and its tokenizer service), the model's
+names."""
 import functools
 import logging
 import threading
@@ -7,9 +8,8 @@ from pathlib import Path
 
 from flask import current_app
 
-from app.runner.card import Card
+from app.runner.card import Card, CardOptions
 from app.tokenizer.qwen import QwenTokenizer
-from app.tokenizer.service import TokenizerService
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +39,13 @@ class Backend:
         self.model_name = model["name"]
         self.aliases = {name.lower() for name in [model["name"], *model["aliases"]]}
         self.tokenizer = load_tokenizer(model["tokenizer_dir"])
-        self.service = TokenizerService(self.tokenizer)
-        runner = settings["runner"]
-        self.card = Card(
-            self.tokenizer, self.service, model_dir=model["dir"], binary=runner["binary"],
-            workdir=Path(instance_path) / "runner", lock_path=Path(instance_path) / "card.lock",
-            sampling=settings["sampling"], emulator=runner["emulator"],
-            startup_timeout=runner["startup_timeout"], stall_timeout=runner["stall_timeout"],
-            backoff_initial=runner["backoff_initial"], backoff_max=runner["backoff_max"],
-            max_queue=settings["server"]["max_queue"])
+        self.card = Card(self.tokenizer, CardOptions.from_settings(settings, instance_path))
         self.started_at = time.monotonic()
         self.created = int(time.time())
         self._stop_lock = threading.Lock()
         self._stopped = False
 
     def start(self):
-        self.service.start()
         self.card.start()
         if self.card.emulated:
             log.warning("EMULATED RUNNER: no LLM-8850 card is used; answers come from %s",
@@ -68,7 +59,6 @@ class Backend:
                 return
             self._stopped = True
             self.card.stop()
-            self.service.stop()
 
     @functools.cached_property
     def model_size(self):
@@ -90,7 +80,7 @@ class Backend:
         card = self.card
         model = {"ready": "loaded", "loading": "loading", "starting": "loading"}.get(card.state, "unavailable")
         details = {
-            "tokenizer": "running" if self.service.running else "stopped",
+            "tokenizer": "running" if card.service.running else "stopped",
             "model": model,
             "npu": card.npu,
             "uptime_seconds": int(time.monotonic() - self.started_at),

@@ -9,12 +9,11 @@ import sys
 from pathlib import Path
 
 import yaml
-from marshmallow import ValidationError
+from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate, validates_schema
 
-from app.schemas import CONFIG
+from app.paths import INSTANCE_DIR, PROJECT_DIR
+from app.schemas import field_problems
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-INSTANCE_DIR = PROJECT_DIR / "instance"
 ENV_CONFIG = "QWEN_CHAT_CONFIG"
 ENV_API_KEY = "QWEN_CHAT_API_KEY"
 ENV_INSTANCE = "QWEN_CHAT_INSTANCE"
@@ -30,19 +29,105 @@ class ConfigError(Exception):
         super().__init__(f"invalid configuration in {source}:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def _flatten(messages, prefix=""):
-    """marshmallow's nested error dict -> ["server.port: Not a valid integer.", ...]"""
-    if isinstance(messages, dict):
-        lines = []
-        for key, value in messages.items():
-            name = prefix if key == "_schema" else (f"{prefix}.{key}" if prefix else str(key))
-            lines += _flatten(value, name)
-        return lines
-    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
-        return [f"{prefix or 'configuration'}: {' '.join(messages)}"]
-    if isinstance(messages, list):
-        return [line for m in messages for line in _flatten(m, prefix)]
-    return [f"{prefix}: {messages}"]
+# -- the schema (every key documented in README.md and instance/config.example.yaml) -----------------
+class _Strict(Schema):
+    class Meta:
+        unknown = RAISE
+
+    @pre_load
+    def _sections(self, data, **kwargs):
+        # A missing section, or one written as "server:" with nothing under it, gets its defaults.
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValidationError("must be a mapping")
+        data = dict(data)
+        for name, field in self.fields.items():
+            if isinstance(field, fields.Nested) and data.get(name) is None:
+                data[name] = {}
+        return data
+
+
+class ServerConfig(_Strict):
+    host = fields.String(load_default="127.0.0.1")
+    port = fields.Integer(load_default=8000, validate=validate.Range(1, 65535))
+    threads = fields.Integer(load_default=64, validate=validate.Range(2, 1024))
+    max_body_bytes = fields.Integer(load_default=1 << 20, validate=validate.Range(1024, 1 << 30))
+    max_queue = fields.Integer(load_default=32, validate=validate.Range(1, 10000))
+    queue_timeout = fields.Float(load_default=300.0, validate=validate.Range(min=0, min_inclusive=False))
+    api_key = fields.Raw(load_default=None)
+    cors_origins = fields.List(fields.String(), load_default=list)
+    log_prompts = fields.Boolean(load_default=False)
+
+    @validates_schema
+    def _threads_for_the_queue(self, data, **kwargs):
+        # Every waiting request holds a thread; keep some for the running one, /health and /metrics.
+        if data.get("max_queue", 0) > data.get("threads", 0) - 4:
+            raise ValidationError(f"must be at most threads - 4 ({data.get('threads', 0) - 4}): each waiting "
+                                  "request holds a thread, and /health must still be answered", "max_queue")
+
+    @validates_schema
+    def _api_key(self, data, **kwargs):
+        key = data.get("api_key")
+        if key is not None and not (isinstance(key, str) or (
+                isinstance(key, list) and all(isinstance(k, str) and k for k in key))):
+            raise ValidationError("must be a string or a list of strings", "api_key")
+
+
+class ModelConfig(_Strict):
+    name = fields.String(load_default="Qwen2.5-1.5B-Instruct", validate=validate.Length(min=1))
+    aliases = fields.List(fields.String(validate=validate.Length(min=1)),
+                          load_default=lambda: ["qwen2.5", "qwen2.5:1.5b", "qwen2.5-1.5b-instruct"])
+    dir = fields.String(load_default="models/Qwen2.5-1.5B-Instruct-GPTQ-Int4")
+
+
+class EmulatorConfig(_Strict):
+    token_ms = fields.Float(load_default=70.0, validate=validate.Range(min=0))
+    load_ms = fields.Float(load_default=0.0, validate=validate.Range(min=0))
+    fault = fields.String(load_default="", validate=validate.Regexp(
+        r"^((crash|hang|dead)(:\d+)?|slow_start|start_fail|no_permission)?$",
+        error="must be one of crash[:N], hang[:N], dead[:N], slow_start, start_fail, no_permission"))
+    fault_file = fields.String(load_default=None, allow_none=True)
+    trace = fields.String(load_default=None, allow_none=True)
+
+
+class RunnerConfig(_Strict):
+    binary = fields.String(load_default="auto", validate=validate.Length(min=1))
+    startup_timeout = fields.Float(load_default=120.0, validate=validate.Range(min=0, min_inclusive=False))
+    stall_timeout = fields.Float(load_default=30.0, validate=validate.Range(min=0, min_inclusive=False))
+    backoff_initial = fields.Float(load_default=0.5, validate=validate.Range(min=0))
+    backoff_max = fields.Float(load_default=60.0, validate=validate.Range(min=0))
+    emulator = fields.Nested(EmulatorConfig)
+
+
+class SamplingConfig(_Strict):
+    temperature = fields.Float(load_default=0.7, allow_none=True, validate=validate.Range(min=0))
+    top_k = fields.Integer(load_default=40, allow_none=True, validate=validate.Range(min=0))
+    top_p = fields.Float(load_default=0.9, allow_none=True, validate=validate.Range(0, 1))
+    repetition_penalty = fields.Float(load_default=1.1, allow_none=True, validate=validate.Range(min=0))
+    penalty_window = fields.Integer(load_default=20, validate=validate.Range(min=1))
+
+
+class GenerationConfig(_Strict):
+    max_tokens = fields.Integer(load_default=512, validate=validate.Range(1, 1024))
+    timeout = fields.Float(load_default=600.0, validate=validate.Range(min=0, min_inclusive=False))
+    heartbeat_seconds = fields.Float(load_default=10.0, validate=validate.Range(min=0, min_inclusive=False))
+
+
+class Config(_Strict):
+    server = fields.Nested(ServerConfig)
+    model = fields.Nested(ModelConfig)
+    runner = fields.Nested(RunnerConfig)
+    sampling = fields.Nested(SamplingConfig)
+    generation = fields.Nested(GenerationConfig)
+
+
+CONFIG = Config()
+
+
+def problem_lines(messages):
+    """marshmallow's nested errors -> ["server.port: Not a valid integer.", ...]"""
+    return [f"{path or 'configuration'}: {text}" for path, text in field_problems(messages)]
 
 
 def config_source():
@@ -71,7 +156,7 @@ def load(overrides=None):
     try:
         settings = CONFIG.load(raw if raw is not None else {})
     except ValidationError as exc:
-        raise ConfigError(source, _flatten(exc.messages)) from None
+        raise ConfigError(source, problem_lines(exc.messages)) from None
     settings["source"] = source
     return resolve(settings)
 

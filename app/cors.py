@@ -40,6 +40,6 @@ def add_headers(response):
 
 
 def init_app(app):
-    # Before auth: a preflight never carries the Authorization header.
-    app.before_request_funcs.setdefault(None, []).insert(0, preflight)
+    """Register before the API key check: a preflight never carries the Authorization header."""
+    app.before_request(preflight)
     app.after_request(add_headers)

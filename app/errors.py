@@ -6,6 +6,8 @@ from flask import jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
+from app.schemas import field_problems
+
 log = logging.getLogger(__name__)
 
 # OpenAI's error types by HTTP status, for errors that do not name one.
@@ -31,30 +33,9 @@ class APIError(Exception):
         return {"error": self.message}
 
 
-def _path(parts):
-    """("messages", 0, "role") -> "messages[0].role" """
-    out = ""
-    for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _field_messages(messages, parts=()):
-    if isinstance(messages, dict):
-        for key, value in messages.items():
-            yield from _field_messages(value, parts if key == "_schema" else parts + (key,))
-    elif isinstance(messages, list) and messages and all(isinstance(m, str) for m in messages):
-        yield _path(parts), " ".join(messages)
-    elif isinstance(messages, list):
-        for item in messages:
-            yield from _field_messages(item, parts)
-    else:
-        yield _path(parts), str(messages)
-
-
 def validation_error(exc: ValidationError):
     """marshmallow's nested messages -> one 400 naming every bad field ("param" is the first)."""
-    problems = list(_field_messages(exc.messages))
+    problems = list(field_problems(exc.messages))
     message = "; ".join(f"{path}: {text.rstrip('.')}" if path else text.rstrip(".") for path, text in problems)
     message = f"Invalid request: {message}."
     return APIError(400, message, param=problems[0][0] or None if problems else None)

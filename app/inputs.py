@@ -5,6 +5,21 @@ from flask import request
 from jinja2 import TemplateError
 
 from app.errors import APIError
+from app.requestlog import current_record
+
+MAX_IGNORED_LOGGED = 10  # field names per log line: a client can send thousands
+
+
+def read_body(schema, example):
+    """(the JSON body as sent, the body loaded by `schema`). Fields the schema does not know are ignored, as
+    vLLM ignores them, and their names go into the request's log line (vLLM logs them too)."""
+    raw = read_json(example)
+    body = schema.load(raw)
+    ignored = [name for name in raw if name not in schema.fields]
+    record = current_record()
+    if ignored and record is not None:
+        record.ignored_fields = ignored[:MAX_IGNORED_LOGGED] + (["..."] if len(ignored) > MAX_IGNORED_LOGGED else [])
+    return raw, body
 
 
 def read_json(example):

@@ -8,6 +8,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                disable_created_metrics, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from app import requestlog
+
 disable_created_metrics()  # no *_created series: they double the output for nothing we use
 bp = Blueprint("metrics", __name__)
 
@@ -92,7 +94,8 @@ def metrics():
 
 
 def init_app(app, backend):
+    """After requestlog.init_app: the counters are fed by its request records."""
     metrics = Metrics(backend)
     app.extensions["qwen_metrics"] = metrics
-    app.extensions["qwen_request_observers"].append(metrics.observe)
+    requestlog.add_observer(app, metrics.observe)
     app.register_blueprint(bp)

@@ -1,18 +1,17 @@
 """The OpenAI-compatible API: /v1/chat/completions (tools included), /v1/completions, /v1/models."""
-import json
 import logging
 import time
 import uuid
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 
 from app.backend import current_backend
 from app.errors import APIError
-from app.generation import CardRun, client_probe, serve
-from app.inputs import chat_prompt_ids, read_json
-from app.requestlog import current_record, note_prompt
+from app.inputs import chat_prompt_ids, read_body
+from app.requestlog import note_prompt
 from app.runner.protocol import MAX_TOKEN_LEN
 from app.schemas import CHAT_COMPLETION_REQUEST, COMPLETION_REQUEST
+from app.serving import Answer, CardRun, compact_json, serve
 from app.tools import collect, output_parser, required_instruction, template_tool_calls, tool_names
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -31,7 +30,7 @@ def check_model(name):
 
 
 def check_context(prompt_ids, param):
-    """A prompt must fit the card's 1024-token window (PROTOCOL.md: 1025 - L output ids at most)."""
+    """A prompt must fit the card's 1024-token window (docs/PROTOCOL.md: 1025 - L output ids at most)."""
     if len(prompt_ids) > MAX_TOKEN_LEN:
         raise APIError(400, f"This model's maximum context length is {MAX_TOKEN_LEN} tokens. However, your "
                        f"{param} resulted in {len(prompt_ids)} tokens. Please reduce the length of the {param}.",
@@ -44,7 +43,7 @@ def usage(result):
 
 
 def sse(obj):
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + compact_json(obj) + b"\n\n"
 
 
 class TextChunks:
@@ -53,11 +52,10 @@ class TextChunks:
     PLACEHOLDER = "\x00text\x00"  # control characters are always escaped, so this cannot occur in real text
 
     def __init__(self, template):
-        marker = json.dumps(self.PLACEHOLDER).encode()
-        self.head, self.tail = sse(template).split(marker)
+        self.head, self.tail = sse(template).split(compact_json(self.PLACEHOLDER))
 
     def __call__(self, text):
-        return self.head + json.dumps(text, ensure_ascii=False).encode() + self.tail
+        return self.head + compact_json(text) + self.tail
 
 
 def include_usage(body):
@@ -111,31 +109,48 @@ def chat_tools(raw, body):
 
 @bp.post("/chat/completions")
 def chat_completions():
-    raw = read_json('{"model": ..., "messages": [{"role": "user", "content": ...}]}')
-    body = CHAT_COMPLETION_REQUEST.load(raw)
+    raw, body = read_body(CHAT_COMPLETION_REQUEST, '{"model": ..., "messages": [{"role": "user", "content": ...}]}')
     check_model(body["model"])
-    be = current_backend()
+    backend = current_backend()
     messages = template_messages(body["messages"])
     tools, names, instruction = chat_tools(raw, body)
     if instruction:
         messages.append({"role": "system", "content": instruction})
     note_prompt(next((m["content"] for m in reversed(messages) if m["role"] in ("user", "tool")), ""))
-    prompt_ids = chat_prompt_ids(be.tokenizer, messages, tools)
+    prompt_ids = chat_prompt_ids(backend.tokenizer, messages, tools)
     check_context(prompt_ids, "messages")
-    run = CardRun(be, prompt_ids, body["max_completion_tokens"] or body["max_tokens"], body["stop"],
-                  client_probe(request.environ), current_record())
-    return respond(run, ChatReply(be.model_name, names, body["tool_choice"]), body)
+    run = CardRun.for_request(prompt_ids, body["max_completion_tokens"] or body["max_tokens"], body["stop"])
+    answer = ChatAnswer(backend.model_name, names, body["tool_choice"], include_usage(body))
+    return serve(run, answer, body["stream"])
 
 
-class ChatReply:
-    """chat.completion objects for one answer, whole or as chunks; one id for all of them."""
+class OpenAIAnswer(Answer):
+    """What OpenAI's chat and completion answers share: SSE framing, heartbeats, errors, [DONE]."""
+    mimetype = "text/event-stream"
+    headers = SSE_HEADERS
 
-    def __init__(self, model, tools, tool_choice):
+    def heartbeat(self):
+        return HEARTBEAT
+
+    def error(self, error):
+        return sse(error.openai_body()) + DONE
+
+
+class ChatAnswer(OpenAIAnswer):
+    """One chat answer: a chat.completion, or its chunks; one id for all of them. Tool calls stream as
+    OpenAI streams them: a first delta with the call's index, id, type and name, then its arguments in
+    fragments; no <tool_call> markup reaches content."""
+
+    def __init__(self, model, tools, tool_choice, with_usage):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
         self.tools = tools
         self.tool_choice = tool_choice
+        self.with_usage = with_usage
+        self.parser = output_parser(tools)
+        self.calls = 0
+        self.content_chunk = TextChunks(self._chunk_body({"content": TextChunks.PLACEHOLDER}))
 
     def _base(self, obj):
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -150,7 +165,7 @@ class ChatReply:
         return result.finish_reason
 
     def whole(self, result):
-        content, calls = collect(output_parser(self.tools), result.text)
+        content, calls = collect(self.parser, result.text)
         message = {"role": "assistant", "content": content if content or not self.tools else None,
                    "refusal": None}
         if calls:
@@ -159,32 +174,17 @@ class ChatReply:
         body["choices"] = [{"index": 0, "message": message, "logprobs": None,
                             "finish_reason": self.finish_reason(result, bool(calls))}]
         body["usage"] = usage(result)
-        return body
+        return jsonify(body)
 
-    def writer(self, with_usage):
-        return ChatStream(self, with_usage)
-
-
-class ChatStream:
-    """The SSE chunks of one streamed chat answer. Tool calls stream as OpenAI does: a first delta with the
-    call's index, id, type and name, then its arguments in fragments; no <tool_call> markup reaches content."""
-
-    def __init__(self, reply, with_usage):
-        self.reply = reply
-        self.with_usage = with_usage
-        self.parser = output_parser(reply.tools)
-        self.calls = 0
-        self.content_chunk = TextChunks(self._body({"content": TextChunks.PLACEHOLDER}))
-
-    def _body(self, delta, finish=None):
-        body = self.reply._base("chat.completion.chunk")
+    def _chunk_body(self, delta, finish=None):
+        body = self._base("chat.completion.chunk")
         body["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
         if self.with_usage:
             body["usage"] = None  # as OpenAI does: only the last chunk carries usage
         return body
 
     def _chunk(self, delta, finish=None):
-        return sse(self._body(delta, finish))
+        return sse(self._chunk_body(delta, finish))
 
     def _events(self, events):
         out = b""
@@ -210,46 +210,48 @@ class ChatStream:
 
     def closing(self, result):
         out = self._events(self.parser.finish())
-        out += self._chunk({}, self.reply.finish_reason(result, self.calls > 0))
+        out += self._chunk({}, self.finish_reason(result, self.calls > 0))
         if self.with_usage:
-            body = self.reply._base("chat.completion.chunk")
+            body = self._base("chat.completion.chunk")
             body.update(choices=[], usage=usage(result))
             out += sse(body)
-        return out
+        return out + DONE
 
 
 # -- completions -------------------------------------------------------------------------------------------
 @bp.post("/completions")
 def completions():
-    body = COMPLETION_REQUEST.load(read_json('{"model": ..., "prompt": ...}'))
+    _, body = read_body(COMPLETION_REQUEST, '{"model": ..., "prompt": ...}')
     check_model(body["model"])
-    be = current_backend()
+    backend = current_backend()
     prompt = body["prompt"]
     if isinstance(prompt, str):
-        prompt_ids = be.tokenizer.encode(prompt)
+        prompt_ids = backend.tokenizer.encode(prompt)
     else:
-        bad = next((i for i in prompt if not be.tokenizer.valid_id(i)), None)
+        bad = next((i for i in prompt if not backend.tokenizer.valid_id(i)), None)
         if bad is not None:
             raise APIError(400, f"Token id {bad} is outside the vocabulary.", param="prompt")
         prompt_ids = prompt
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param="prompt")
     check_context(prompt_ids, "prompt")
-    note_prompt(prompt if isinstance(prompt, str) else be.tokenizer.decode(prompt_ids))
-    echo = be.tokenizer.decode(prompt_ids) if body["echo"] else ""
-    run = CardRun(be, prompt_ids, body["max_tokens"], body["stop"], client_probe(request.environ),
-                  current_record())
-    return respond(run, CompletionReply(be.model_name, echo), body)
+    note_prompt(prompt if isinstance(prompt, str) else backend.tokenizer.decode(prompt_ids))
+    echo = backend.tokenizer.decode(prompt_ids) if body["echo"] else ""
+    run = CardRun.for_request(prompt_ids, body["max_tokens"], body["stop"])
+    return serve(run, CompletionAnswer(backend.model_name, echo, include_usage(body)), body["stream"])
 
 
-class CompletionReply:
-    """text_completion objects for one answer, whole or as chunks."""
+class CompletionAnswer(OpenAIAnswer):
+    """One completion: a text_completion, or its chunks (the echoed prompt, one per text piece, the
+    finish)."""
 
-    def __init__(self, model, echo):
+    def __init__(self, model, echo, with_usage):
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
         self.echo = echo
+        self.with_usage = with_usage
+        self.text_chunk = TextChunks(self.body(TextChunks.PLACEHOLDER, None, with_usage=with_usage))
 
     def body(self, text, finish, usage_value=None, with_usage=False):
         body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
@@ -260,36 +262,27 @@ class CompletionReply:
         return body
 
     def whole(self, result):
-        return self.body(self.echo + result.text, result.finish_reason, usage(result))
-
-    def writer(self, with_usage):
-        return CompletionStream(self, with_usage)
-
-
-class CompletionStream:
-    """The SSE chunks of one streamed completion: the echoed prompt, one per text piece, the finish."""
-
-    def __init__(self, reply, with_usage):
-        self.reply = reply
-        self.with_usage = with_usage
-        self.text = TextChunks(reply.body(TextChunks.PLACEHOLDER, None, with_usage=with_usage))
+        return jsonify(self.body(self.echo + result.text, result.finish_reason, usage(result)))
 
     def opening(self):
-        return sse(self.reply.body(self.reply.echo, None, with_usage=self.with_usage)) if self.reply.echo else b""
+        return sse(self.body(self.echo, None, with_usage=self.with_usage)) if self.echo else b""
+
+    def text(self, text):
+        return self.text_chunk(text)
 
     def closing(self, result):
-        out = sse(self.reply.body("", result.finish_reason, with_usage=self.with_usage))
+        out = sse(self.body("", result.finish_reason, with_usage=self.with_usage))
         if self.with_usage:
-            last = self.reply.body("", None, usage(result))
+            last = self.body("", None, usage(result))
             last["choices"] = []
             out += sse(last)
-        return out
+        return out + DONE
 
 
 # -- models ------------------------------------------------------------------------------------------------
 def model_object():
-    be = current_backend()
-    return {"id": be.model_name, "object": "model", "created": be.created, "owned_by": "qwen-chat"}
+    backend = current_backend()
+    return {"id": backend.model_name, "object": "model", "created": backend.created, "owned_by": "qwen-chat"}
 
 
 @bp.get("/models")
@@ -301,25 +294,3 @@ def list_models():
 def get_model(model_id):
     check_model(model_id)
     return jsonify(model_object())
-
-
-# -- answering ---------------------------------------------------------------------------------------------
-def respond(run, reply, body):
-    """The answer as SSE when the request streams, else whole once the card is done."""
-    writer = reply.writer(include_usage(body)) if body["stream"] else None
-
-    def write(kind, value):
-        if kind == "open":
-            return writer.opening()
-        if kind == "text":
-            return writer.text(value)
-        if kind == "heartbeat":
-            return HEARTBEAT
-        if kind == "done":
-            return writer.closing(value)
-        if kind == "error":
-            return sse(value.openai_body())
-        return DONE  # "end": after the answer, or after an error event
-
-    return serve(run, body["stream"], lambda result: jsonify(reply.whole(result)), write,
-                 "text/event-stream", SSE_HEADERS)

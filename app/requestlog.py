@@ -7,7 +7,10 @@ import uuid
 
 from flask import current_app, g, request
 
+from app.text import printable
+
 log = logging.getLogger("qwen_chat.requests")
+OBSERVERS = "qwen_request_observers"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -28,6 +31,7 @@ class RequestRecord:
         self.finish_reason = None
         self.tokens_per_second = None
         self.prompt_text = None
+        self.ignored_fields = None    # names of request fields we do not use
 
     def line(self):
         def seconds(value):
@@ -39,6 +43,8 @@ class RequestRecord:
                   f"duration={seconds(time.monotonic() - self.received)}"]
         if self.finish_reason:
             fields.append(f"finish={self.finish_reason}")
+        if self.ignored_fields:
+            fields.append("ignored=" + ",".join(printable(name[:40]) for name in self.ignored_fields))
         if self.prompt_text is not None:
             fields.append(f"prompt={self.prompt_text!r}")
         return " ".join(fields)
@@ -68,7 +74,7 @@ def finish_record(response):
         return response
     record.status = response.status_code
     response.headers["X-Request-Id"] = record.id
-    observers = current_app.extensions["qwen_request_observers"]
+    observers = current_app.extensions[OBSERVERS]
 
     def closed():
         for observe in observers:
@@ -77,7 +83,13 @@ def finish_record(response):
     return response
 
 
+def add_observer(app, observe):
+    """Have `observe(record)` called with every request's record once its response has been sent."""
+    app.extensions[OBSERVERS].append(observe)
+
+
 def init_app(app):
-    app.extensions["qwen_request_observers"] = [lambda record: log.info("%s", record.line())]
-    app.before_request_funcs.setdefault(None, []).insert(0, start_record)
+    """Register first, so that every request (an error included) has a record and an id."""
+    app.extensions[OBSERVERS] = [lambda record: log.info("%s", record.line())]
+    app.before_request(start_record)
     app.after_request(finish_record)

@@ -1,101 +1,29 @@
-"""Every marshmallow schema of the service, created once: the configuration file and the request bodies."""
-from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, pre_load, validate, validates_schema
+"""The request bodies' marshmallow schemas, created once (the configuration's own schema is in config.py)."""
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 
-class _Strict(Schema):
-    class Meta:
-        unknown = RAISE
-
-    @pre_load
-    def _sections(self, data, **kwargs):
-        # A missing section, or one written as "server:" with nothing under it, gets its defaults.
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ValidationError("must be a mapping")
-        data = dict(data)
-        for name, field in self.fields.items():
-            if isinstance(field, fields.Nested) and data.get(name) is None:
-                data[name] = {}
-        return data
+def field_problems(messages, parts=()):
+    """marshmallow's nested error messages as (path, text) pairs: ("messages[0].role", "Must be one of...").
+    A problem with the whole object has the empty path."""
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            yield from field_problems(value, parts if key == "_schema" else parts + (key,))
+    elif isinstance(messages, list) and messages and all(isinstance(m, str) for m in messages):
+        yield _path(parts), " ".join(messages)
+    elif isinstance(messages, list):
+        for item in messages:
+            yield from field_problems(item, parts)
+    else:
+        yield _path(parts), str(messages)
 
 
-# -- configuration (instance/config.yaml; every key documented in README.md) ----------------------------
-class ServerConfig(_Strict):
-    host = fields.String(load_default="127.0.0.1")
-    port = fields.Integer(load_default=8000, validate=validate.Range(1, 65535))
-    threads = fields.Integer(load_default=64, validate=validate.Range(2, 1024))
-    max_body_bytes = fields.Integer(load_default=1 << 20, validate=validate.Range(1024, 1 << 30))
-    max_queue = fields.Integer(load_default=32, validate=validate.Range(1, 10000))
-    queue_timeout = fields.Float(load_default=300.0, validate=validate.Range(min=0, min_inclusive=False))
-    api_key = fields.Raw(load_default=None)
-    cors_origins = fields.List(fields.String(), load_default=list)
-    log_prompts = fields.Boolean(load_default=False)
+def _path(parts):
+    """("messages", 0, "role") -> "messages[0].role" """
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
-    @validates_schema
-    def _threads_for_the_queue(self, data, **kwargs):
-        # Every waiting request holds a thread; keep some for the running one, /health and /metrics.
-        if data.get("max_queue", 0) > data.get("threads", 0) - 4:
-            raise ValidationError(f"must be at most threads - 4 ({data.get('threads', 0) - 4}): each waiting "
-                                  "request holds a thread, and /health must still be answered", "max_queue")
-
-    @validates_schema
-    def _api_key(self, data, **kwargs):
-        key = data.get("api_key")
-        if key is not None and not (isinstance(key, str) or (
-                isinstance(key, list) and all(isinstance(k, str) and k for k in key))):
-            raise ValidationError("must be a string or a list of strings", "api_key")
-
-
-class ModelConfig(_Strict):
-    name = fields.String(load_default="Qwen2.5-1.5B-Instruct", validate=validate.Length(min=1))
-    aliases = fields.List(fields.String(validate=validate.Length(min=1)),
-                          load_default=lambda: ["qwen2.5", "qwen2.5:1.5b", "qwen2.5-1.5b-instruct"])
-    dir = fields.String(load_default="models/Qwen2.5-1.5B-Instruct-GPTQ-Int4")
-
-
-class EmulatorConfig(_Strict):
-    token_ms = fields.Float(load_default=70.0, validate=validate.Range(min=0))
-    load_ms = fields.Float(load_default=0.0, validate=validate.Range(min=0))
-    fault = fields.String(load_default="", validate=validate.Regexp(
-        r"^((crash|hang|dead)(:\d+)?|slow_start|start_fail|no_permission)?$",
-        error="must be one of crash[:N], hang[:N], dead[:N], slow_start, start_fail, no_permission"))
-    fault_file = fields.String(load_default=None, allow_none=True)
-    trace = fields.String(load_default=None, allow_none=True)
-
-
-class RunnerConfig(_Strict):
-    binary = fields.String(load_default="auto", validate=validate.Length(min=1))
-    startup_timeout = fields.Float(load_default=120.0, validate=validate.Range(min=0, min_inclusive=False))
-    stall_timeout = fields.Float(load_default=30.0, validate=validate.Range(min=0, min_inclusive=False))
-    backoff_initial = fields.Float(load_default=0.5, validate=validate.Range(min=0))
-    backoff_max = fields.Float(load_default=60.0, validate=validate.Range(min=0))
-    emulator = fields.Nested(EmulatorConfig)
-
-
-class SamplingConfig(_Strict):
-    temperature = fields.Float(load_default=0.7, allow_none=True, validate=validate.Range(min=0))
-    top_k = fields.Integer(load_default=40, allow_none=True, validate=validate.Range(min=0))
-    top_p = fields.Float(load_default=0.9, allow_none=True, validate=validate.Range(0, 1))
-    repetition_penalty = fields.Float(load_default=1.1, allow_none=True, validate=validate.Range(min=0))
-    penalty_window = fields.Integer(load_default=20, validate=validate.Range(min=1))
-
-
-class GenerationConfig(_Strict):
-    max_tokens = fields.Integer(load_default=512, validate=validate.Range(1, 1024))
-    timeout = fields.Float(load_default=600.0, validate=validate.Range(min=0, min_inclusive=False))
-    heartbeat_seconds = fields.Float(load_default=10.0, validate=validate.Range(min=0, min_inclusive=False))
-
-
-class Config(_Strict):
-    server = fields.Nested(ServerConfig)
-    model = fields.Nested(ModelConfig)
-    runner = fields.Nested(RunnerConfig)
-    sampling = fields.Nested(SamplingConfig)
-    generation = fields.Nested(GenerationConfig)
-
-
-CONFIG = Config()
 
 
 # -- request bodies --------------------------------------------------------------------------------------
@@ -192,9 +120,10 @@ class ChatMessage(_Lenient):
                                   "omit its content).", "content")
 
 
-class _Sampling(_Lenient):
-    """Sampling fields every client sends. The card's sampling is fixed when the runner starts, so these are
-    accepted (and type-checked) but do not change the output; see README."""
+class OpenAIRequest(_Lenient):
+    """What every OpenAI request shares: model, limits, stop, stream, and the sampling fields every client
+    sends. The card's sampling is fixed when the runner starts, so those are accepted (and type-checked) but
+    do not change the output; see README."""
     temperature = fields.Float(load_default=None, allow_none=True, validate=validate.Range(0, 2))
     top_p = fields.Float(load_default=None, allow_none=True, validate=validate.Range(0, 1))
     top_k = fields.Integer(strict=True, load_default=None, allow_none=True)
@@ -221,7 +150,7 @@ class _Sampling(_Lenient):
             raise ValidationError("`include_usage` must be a boolean.", "stream_options")
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(OpenAIRequest):
     model = fields.String(required=True, validate=validate.Length(min=1))
     messages = fields.List(fields.Nested(ChatMessage), required=True, validate=validate.Length(
         min=1, error="At least one message is required."))
@@ -278,7 +207,7 @@ class PromptField(fields.Field):
         raise self.make_error("invalid")
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(OpenAIRequest):
     model = fields.String(required=True, validate=validate.Length(min=1))
     prompt = PromptField(required=True)
     echo = JsonBool(load_default=False)

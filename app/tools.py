@@ -9,6 +9,8 @@ import json
 import uuid
 from dataclasses import dataclass
 
+from app.text import marker_prefix_at_end
+
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
 
@@ -68,7 +70,7 @@ class ToolCallParser:
                     self._buffer = self._buffer[start + len(OPEN):]
                     self._in_block = True
                     continue
-                keep = _partial_suffix(self._buffer, OPEN)
+                keep = marker_prefix_at_end(self._buffer, [OPEN])
                 self._content(self._buffer[:len(self._buffer) - keep], events)
                 self._buffer = self._buffer[len(self._buffer) - keep:]
                 break
@@ -110,14 +112,6 @@ class ToolCallParser:
         self._held_space = text[len(settled):]
         if settled:
             events.append(("content", settled))
-
-
-def _partial_suffix(text, marker):
-    """Length of the longest tail of `text` that is a proper prefix of `marker`."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
 
 
 class PlainText:

@@ -35,10 +35,10 @@ from pathlib import Path
 import httpx
 import pexpect
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_DIR))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app import config  # noqa: E402
+from app.paths import PROJECT_DIR  # noqa: E402
 from app.runner import protocol  # noqa: E402
 from app.runner.driver import _child_setup  # noqa: E402
 

@@ -22,12 +22,11 @@ import pexpect
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app import config  # noqa: E402
+from app.paths import PROJECT_DIR  # noqa: E402
 from app.runner import protocol  # noqa: E402
 from app.runner.driver import Runner, _child_setup  # noqa: E402
+from app.runner.tokenizer_service import TokenizerService  # noqa: E402
 from app.tokenizer.qwen import QwenTokenizer  # noqa: E402
-from app.tokenizer.service import TokenizerService  # noqa: E402
-
-PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 def emulator_env(tokenizer, token_ms, trace):
@@ -37,13 +36,13 @@ def emulator_env(tokenizer, token_ms, trace):
 
 def bare_round(child, service, prompt_ids):
     """Write the handle, wait for the notice and prompt; tokens from the runner's final /decode."""
-    generation = service.register(prompt_ids)
+    log = service.register(prompt_ids)
     started = time.perf_counter()
-    child.send(generation.handle.encode() + b"\n")
+    child.send(log.handle.encode() + b"\n")
     child.expect(protocol.END_RE)
     elapsed = time.perf_counter() - started
-    service.forget(generation)
-    return len(generation.calls()[-1].ids) / elapsed
+    service.forget(log)
+    return len(log.calls()[-1].ids) / elapsed
 
 
 def driver_round(runner, prompt_ids):

@@ -25,7 +25,10 @@ from pathlib import Path
 
 import httpx
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.paths import PROJECT_DIR  # noqa: E402
+
 MODEL = "qwen2.5"
 
 

@@ -5,7 +5,9 @@ import ollama
 import openai
 import pytest
 
-MODEL = "Qwen2.5-1.5B-Instruct"
+from app import create_app
+from helpers import MODEL, settings
+
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "secret question"}]}
 PROTECTED = [
     ("GET", "/v1/models", None), ("GET", "/v1/models/qwen2.5", None),
@@ -18,8 +20,6 @@ PROTECTED = [
 
 @pytest.fixture(scope="module")
 def locked(tmp_path_factory):
-    from app import create_app
-    from conftest import settings
     app = create_app({"TESTING": True, "INSTANCE_PATH": str(tmp_path_factory.mktemp("locked")),
                       "SETTINGS": settings(server={"api_key": ["k1", "k2-secret"],
                                                    "cors_origins": ["http://ui.example"]})})
@@ -116,3 +116,13 @@ def test_real_clients_with_keys(start_server):
     with pytest.raises(ollama.ResponseError) as caught:
         ollama.Client(host=server.url).list()
     assert caught.value.status_code == 401
+
+
+def test_ignored_fields_are_named_in_the_log_line(client, caplog):
+    caplog.set_level(logging.INFO, logger="qwen_chat.requests")
+    body = {**CHAT, "store": False, "metadata": {"a": "b"}, "temperature": 0.1}
+    client.post("/v1/chat/completions", json=body).close()
+    line = request_lines(caplog)[-1]
+    assert "ignored=store,metadata" in line  # temperature is known (accepted, fixed at runner start)
+    client.post("/v1/chat/completions", json=CHAT).close()
+    assert "ignored=" not in request_lines(caplog)[-1]

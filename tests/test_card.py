@@ -1,6 +1,7 @@
 """The card's supervisor: one runner, first come first served, restarts, the lock, no orphans."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from app.runner.card import Card, CardUnavailable
-from app.runner.errors import CardDead, RunnerError, RunnerStalled
-from conftest import PROJECT_DIR, alive, said, wait_for
+from app.runner.card import Card, CardOptions, Done, Text
+from app.runner.errors import CardDead, CardUnavailable, RunnerError, RunnerStalled
+from helpers import PROJECT_DIR, alive, said, wait_for
 
 HOLD_CARD = Path(__file__).with_name("helpers") / "hold_card.py"
 
@@ -45,12 +46,12 @@ def test_streamed_events(make_card, tokenizer):
     job = card.submit(ask(tokenizer, "stream me"))
     texts = []
     while True:
-        kind, value = job.next_event(timeout=30)
-        if kind == "done":
+        event = job.next_event(timeout=30)
+        if isinstance(event, Done):
             break
-        if kind == "text":
-            texts.append(value)
-    assert "".join(texts) == value.text == said("stream me")
+        if isinstance(event, Text):
+            texts.append(event.text)
+    assert "".join(texts) == event.result.text == said("stream me")
 
 
 def test_a_cancelled_waiter_is_skipped(make_card, tokenizer):
@@ -104,11 +105,11 @@ def test_start_failure_makes_the_card_unavailable_until_it_recovers(make_card, t
     assert card.submit(ask(tokenizer, "back")).result(timeout=30).text == said("back")
 
 
-def test_backoff_grows_and_is_capped(tokenizer, service, tmp_path):
+def test_backoff_grows_and_is_capped(tokenizer, tmp_path):
     # The restart policy, driven directly on a card that is not started: the delays double up to the cap,
     # and three failures in a row make the card unavailable (503 at once instead of queueing).
-    card = Card(tokenizer, service, model_dir=tmp_path, binary="emulator", workdir=tmp_path / "w",
-                lock_path=tmp_path / "lock", backoff_initial=0.1, backoff_max=0.4)
+    card = Card(tokenizer, CardOptions(model_dir=tmp_path, binary="emulator", workdir=tmp_path / "w",
+                                       lock_path=tmp_path / "lock", backoff_initial=0.1, backoff_max=0.4))
     delays, states = [], []
     for _ in range(5):
         before = time.monotonic()
@@ -120,9 +121,9 @@ def test_backoff_grows_and_is_capped(tokenizer, service, tmp_path):
     assert card._retry_after() == 1  # whole seconds for Retry-After, never 0
 
 
-def test_missing_binary_is_one_clear_message(tokenizer, service, tmp_path):
-    card = Card(tokenizer, service, model_dir=tmp_path, binary="/nonexistent/main_axcl", workdir=tmp_path / "w",
-                lock_path=tmp_path / "lock", backoff_initial=30).start()
+def test_missing_binary_is_one_clear_message(tokenizer, tmp_path):
+    card = Card(tokenizer, CardOptions(model_dir=tmp_path, binary="/nonexistent/main_axcl", workdir=tmp_path / "w",
+                                       lock_path=tmp_path / "lock", backoff_initial=30)).start()
     try:
         assert card.wait_ready(10) == "unavailable"
         assert "cannot start the runner /nonexistent/main_axcl" in card.reason
@@ -130,12 +131,12 @@ def test_missing_binary_is_one_clear_message(tokenizer, service, tmp_path):
         card.stop()
 
 
-def test_incomplete_model_folder_is_one_clear_message(tokenizer, service, tmp_path):
+def test_incomplete_model_folder_is_one_clear_message(tokenizer, tmp_path):
     fake = tmp_path / "main_axcl"
     fake.write_text("#!/bin/sh\nexit 0\n")
     fake.chmod(0o755)
-    card = Card(tokenizer, service, model_dir=tmp_path / "model", binary=str(fake), workdir=tmp_path / "w",
-                lock_path=tmp_path / "lock", backoff_initial=30).start()
+    card = Card(tokenizer, CardOptions(model_dir=tmp_path / "model", binary=str(fake), workdir=tmp_path / "w",
+                                       lock_path=tmp_path / "lock", backoff_initial=30)).start()
     try:
         assert card.wait_ready(10) == "unavailable"
         assert "model folder" in card.reason and "is incomplete" in card.reason
@@ -179,7 +180,6 @@ def test_an_unexpected_error_does_not_end_the_card_thread(make_card, tokenizer, 
     blocker = tmp_path / "runner"
     card.runner.child.kill(9)
     wait_for(lambda: card.runner is None or not card.runner.child.isalive(), what="the runner to die")
-    import shutil
     shutil.rmtree(blocker)
     blocker.write_text("not a directory")
     wait_for(lambda: card.failures >= 2, what="failed restarts")

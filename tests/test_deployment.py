@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from conftest import PROJECT_DIR
+from helpers import PROJECT_DIR
 
 SCRIPTS = ["scripts/setup", "scripts/test", "scripts/serve", "scripts/smoke.sh", "scripts/download_models.sh",
            ".ci/run"]

@@ -1,4 +1,4 @@
-"""The emulated runner against what the real main_axcl does (PROTOCOL.md and the raw session fixture)."""
+"""The emulated runner against what the real main_axcl does (docs/PROTOCOL.md and the raw session fixture)."""
 import functools
 import io
 import json
@@ -13,7 +13,7 @@ import pexpect
 
 from app.runner import protocol
 from app.runner.driver import _child_setup
-from conftest import EMULATOR, PROJECT_DIR, emulator_env
+from helpers import EMULATOR, PROJECT_DIR, emulator_env
 
 FIXTURE = PROJECT_DIR / "tests" / "fixtures" / "main_axcl_session.log"  # raw bytes from real hardware
 FIXTURE_SAMPLING = {  # the load config the fixture's session printed
@@ -127,7 +127,7 @@ def test_end_of_input_spins_without_burning_a_core(tokenizer, service, tmp_path)
 
 
 def test_sighup_does_not_stop_it(tokenizer, service, tmp_path):
-    # PROTOCOL.md's trap: a runner whose terminal is gone holds on. Only a killing signal ends it.
+    # docs/PROTOCOL.md's trap: a runner whose terminal is gone holds on. Only a killing signal ends it.
     child = spawn(tokenizer, service, tmp_path)
     child.expect_exact(protocol.READY_PROMPT)
     child.kill(1)  # SIGHUP

@@ -10,32 +10,15 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import alive, said, wait_for
-
-
-MODEL = "qwen2.5"
-
-
-def health(server):
-    response = httpx.get(server.url + "/health", timeout=5)
-    return response.status_code, response.json()
-
-
-def chat(server, text, **body):
-    return httpx.post(server.url + "/v1/chat/completions", timeout=60,
-                      json={"model": MODEL, "messages": [{"role": "user", "content": text}], **body})
+from helpers import MODEL, alive, chat, said, sse_events, wait_for
 
 
 def stream_events(server, text):
     """The SSE events of a streamed chat (the error event included)."""
-    events = []
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
                       json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": text}]}) as r:
         assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
-    return events
+        return sse_events(r.read())
 
 
 @pytest.fixture
@@ -56,9 +39,9 @@ def test_failure_mid_stream_is_a_clean_error_then_the_next_request_works(faulty,
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == code
     assert any(e["choices"][0]["delta"].get("content") for e in events[1:-2])  # it had begun answering
     fault.write_text("")
-    wait_for(lambda: health(server)[0] == 200, what="the runner to be back")
+    wait_for(lambda: server.health()[0] == 200, what="the runner to be back")
     assert chat(server, "again").json()["choices"][0]["message"]["content"] == said("again")
-    assert health(server)[1]["details"]["restarts"] >= 1
+    assert server.health()[1]["details"]["restarts"] >= 1
 
 
 def test_a_dead_card_answers_503_fast_and_recovers_by_itself(faulty):
@@ -66,10 +49,10 @@ def test_a_dead_card_answers_503_fast_and_recovers_by_itself(faulty):
     fault.write_text("crash:4")
     assert chat(server, "hello").status_code == 503  # the card dies under this request
     fault.write_text("start_fail")  # ...and does not come back: every restart fails
-    wait_for(lambda: health(server)[1]["details"]["npu"] == "unavailable", what="npu unavailable")
-    assert health(server)[0] == 503
+    wait_for(lambda: server.health()[1]["details"]["npu"] == "unavailable", what="npu unavailable")
+    assert server.health()[0] == 503
     # First the death itself is the reason, then the failing restarts' [E] line.
-    wait_for(lambda: "Set AXCL device failed" in health(server)[1]["details"]["reason"], what="a failed restart")
+    wait_for(lambda: "Set AXCL device failed" in server.health()[1]["details"]["reason"], what="a failed restart")
     started = time.monotonic()
     response = chat(server, "anyone?")
     assert response.status_code == 503 and time.monotonic() - started < 1.0
@@ -77,7 +60,7 @@ def test_a_dead_card_answers_503_fast_and_recovers_by_itself(faulty):
     ollama = httpx.post(server.url + "/api/chat", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]})
     assert ollama.status_code == 503 and isinstance(ollama.json()["error"], str)
     fault.write_text("")  # the card answers again (after a reboot, say)
-    wait_for(lambda: health(server)[0] == 200, what="recovery")
+    wait_for(lambda: server.health()[0] == 200, what="recovery")
     assert chat(server, "back").json()["choices"][0]["message"]["content"] == said("back")
 
 
@@ -85,25 +68,25 @@ def test_repeated_crashes_make_the_card_unavailable(faulty):
     server, fault = faulty
     fault.write_text("crash:1")
     for _ in range(3):
-        wait_for(lambda: health(server)[1]["details"]["model"] != "loading", what="a settled card")
-        if health(server)[1]["details"]["npu"] == "unavailable":
+        wait_for(lambda: server.health()[1]["details"]["model"] != "loading", what="a settled card")
+        if server.health()[1]["details"]["npu"] == "unavailable":
             break
         assert chat(server, "x").status_code == 503
-    wait_for(lambda: health(server)[1]["details"]["npu"] == "unavailable", what="unavailable after crashes")
+    wait_for(lambda: server.health()[1]["details"]["npu"] == "unavailable", what="unavailable after crashes")
     fault.write_text("")
-    wait_for(lambda: health(server)[0] == 200, what="recovery")
+    wait_for(lambda: server.health()[0] == 200, what="recovery")
 
 
 def test_start_up_failure(start_server, tmp_path):
     fault = tmp_path / "fault"
     fault.write_text("no_permission")
     server = start_server(wait=False, runner={"emulator": {"fault_file": str(fault)}, "backoff_max": 0.5})
-    wait_for(lambda: health(server)[0] == 503 and health(server)[1]["details"]["npu"] == "unavailable",
+    wait_for(lambda: server.health()[0] == 503 and server.health()[1]["details"]["npu"] == "unavailable",
              what="the failure to show")
-    assert "Operation not permitted" in health(server)[1]["details"]["reason"]
+    assert "Operation not permitted" in server.health()[1]["details"]["reason"]
     assert chat(server, "x").status_code == 503
     fault.write_text("")
-    wait_for(lambda: health(server)[0] == 200, what="recovery")
+    wait_for(lambda: server.health()[0] == 200, what="recovery")
 
 
 def test_fifty_clients_and_a_small_queue(start_server):
@@ -206,7 +189,7 @@ def test_sigkill_of_the_worker_leaves_no_runner(start_server):
     (runner,) = server.runner_pids()
     os.kill(worker, signal.SIGKILL)
     wait_for(lambda: not alive(runner), timeout=10, what="the runner to die with its worker")
-    wait_for(lambda: health(server)[0] == 200, what="a new worker and runner")  # gunicorn starts another
+    wait_for(lambda: server.health()[0] == 200, what="a new worker and runner")  # gunicorn starts another
     assert chat(server, "new worker").json()["choices"][0]["message"]["content"] == said("new worker")
     assert server.runner_pids() and runner not in server.runner_pids()
 

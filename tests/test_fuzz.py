@@ -6,7 +6,8 @@ import socket
 import httpx
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-MODEL = "qwen2.5"
+from helpers import MODEL
+
 TEXT = st.text(max_size=40)
 SCALARS = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | TEXT
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),

@@ -5,9 +5,8 @@ import httpx
 import ollama
 import openai
 import pytest
-from conftest import said
+from helpers import MODEL, said
 
-MODEL = "Qwen2.5-1.5B-Instruct"
 
 
 @pytest.fixture(scope="module")

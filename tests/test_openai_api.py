@@ -2,15 +2,7 @@
 import json
 
 import pytest
-from conftest import said
-
-MODEL = "Qwen2.5-1.5B-Instruct"
-
-
-def chat(client, **body):
-    body.setdefault("model", MODEL)
-    body.setdefault("messages", [{"role": "user", "content": "hi"}])
-    return client.post("/v1/chat/completions", json=body)
+from helpers import MODEL, chat, said, sse_events
 
 
 def assert_openai_error(response, status, param=None, code=None):
@@ -80,22 +72,13 @@ def test_stop_as_string_and_list(client):
     assert body["choices"][0]["message"]["content"] == "Emulated runner "
 
 
-def sse_events(response):
-    events = []
-    for block in response.get_data(as_text=True).split("\n\n"):
-        if block.startswith("data: "):
-            payload = block[len("data: "):]
-            events.append(payload if payload == "[DONE]" else json.loads(payload))
-    return events
-
-
 def test_stream_shape(client):
     response = chat(client, stream=True, stream_options={"include_usage": True},
                     messages=[{"role": "user", "content": "stream this"}])
     assert response.status_code == 200
     assert response.mimetype == "text/event-stream"
     assert response.headers["Cache-Control"] == "no-cache" and response.headers["X-Accel-Buffering"] == "no"
-    events = sse_events(response)
+    events = sse_events(response.get_data())
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert len({c["id"] for c in chunks}) == 1
@@ -108,7 +91,7 @@ def test_stream_shape(client):
 
 
 def test_stream_without_usage(client):
-    chunks = sse_events(chat(client, stream=True))[:-1]
+    chunks = sse_events(chat(client, stream=True).get_data())[:-1]
     assert all("usage" not in c for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
@@ -128,7 +111,8 @@ def test_completions_token_ids_echo_and_stream(client, tokenizer):
     ids = tokenizer.encode("From ids")
     body = client.post("/v1/completions", json={"model": MODEL, "prompt": ids, "echo": True}).get_json()
     assert body["choices"][0]["text"] == "From ids" + said("From ids")
-    events = sse_events(client.post("/v1/completions", json={"model": MODEL, "prompt": ["Streamed"], "stream": True}))
+    streamed = client.post("/v1/completions", json={"model": MODEL, "prompt": ["Streamed"], "stream": True})
+    events = sse_events(streamed.get_data())
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == said("Streamed")
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
 
@@ -258,7 +242,7 @@ def test_an_error_after_the_stream_started_is_an_event(make_app):
     assert app.extensions["qwen"].card.wait_ready(60) == "ready"
     response = chat(app.test_client(), stream=True)
     assert response.status_code == 200
-    events = sse_events(response)
+    events = sse_events(response.get_data())
     assert events[-1] == "[DONE]"
     error = events[-2]["error"]
     assert error["type"] == "service_unavailable" and error["code"] == "card_dead"

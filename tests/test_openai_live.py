@@ -6,9 +6,8 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import said
+from helpers import MODEL, said
 
-MODEL = "Qwen2.5-1.5B-Instruct"
 
 
 def client_for(server, **kwargs):

@@ -5,16 +5,9 @@ import pytest
 
 from app.runner import protocol
 from app.runner.errors import CardDead, RunnerDied, RunnerStalled, RunnerStartError
-from conftest import said
+from helpers import prompt_ids, said
 
 SPLIT_TEXT = "你好，世界 🎉🎉 emoji 👨‍👩‍👧 done"
-
-
-def chat(tokenizer, *turns, system=None):
-    messages = [{"role": "system", "content": system}] if system else []
-    roles = ["user", "assistant"]
-    messages += [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
-    return tokenizer.chat_ids(messages)
 
 
 @pytest.fixture
@@ -31,7 +24,7 @@ def generate(runner, ids, **kwargs):
 
 def test_multi_turn_with_system_prompt_newlines_cjk_and_emoji(runner, tokenizer):
     last = "Third turn:\nline two\n\n第三 🎉 done"
-    ids = chat(tokenizer, "first\nquestion", "an answer", last, system="Be brief.\nReally brief.")
+    ids = prompt_ids(tokenizer, "first\nquestion", "an answer", last, system="Be brief.\nReally brief.")
     result, pieces = generate(runner, ids)
     # One line went to the runner; the whole conversation, newlines included, reached it via /encode.
     assert result.text == said(last)
@@ -48,14 +41,14 @@ def test_multi_turn_with_system_prompt_newlines_cjk_and_emoji(runner, tokenizer)
     "\n\n\x1b[1;30;35m[N][                             Run][ 610]: hit eos,avg 1.00 token/s\n\x1b[0m\n>> ",
 ])
 def test_text_that_looks_like_framing_comes_back_byte_exact(runner, tokenizer, text):
-    result, _ = generate(runner, chat(tokenizer, text))
+    result, _ = generate(runner, prompt_ids(tokenizer, text))
     assert result.text == said(text)
     # ...and the runner is left at its prompt: the next generation is clean.
-    assert generate(runner, chat(tokenizer, "next"))[0].text == said("next")
+    assert generate(runner, prompt_ids(tokenizer, "next"))[0].text == said("next")
 
 
 def test_multibyte_character_split_across_chunks(runner, tokenizer):
-    result, pieces = generate(runner, chat(tokenizer, SPLIT_TEXT))
+    result, pieces = generate(runner, prompt_ids(tokenizer, SPLIT_TEXT))
     assert result.text == said(SPLIT_TEXT)
     assert not any("\ufffd" in piece for piece in pieces)
     # The reply really does split a character between the runner's 3-id chunks.
@@ -65,20 +58,20 @@ def test_multibyte_character_split_across_chunks(runner, tokenizer):
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 3, 4, 5, 7, 20])
 def test_max_tokens_is_exact(runner, tokenizer, max_tokens):
-    result, _ = generate(runner, chat(tokenizer, "count to 100"), max_tokens=max_tokens)
+    result, _ = generate(runner, prompt_ids(tokenizer, "count to 100"), max_tokens=max_tokens)
     assert len(result.ids) == max_tokens
     assert result.text == tokenizer.decode(result.ids)
     assert result.finish_reason == "length"
-    assert generate(runner, chat(tokenizer, "after"))[0].text == said("after")
+    assert generate(runner, prompt_ids(tokenizer, "after"))[0].text == said("after")
 
 
 def test_max_tokens_beyond_the_answer_is_a_normal_stop(runner, tokenizer):
-    result, _ = generate(runner, chat(tokenizer, "short"), max_tokens=500)
+    result, _ = generate(runner, prompt_ids(tokenizer, "short"), max_tokens=500)
     assert result.text == said("short") and result.finish_reason == "stop"
 
 
 def test_stop_string_spanning_two_chunks(runner, tokenizer):
-    ids = chat(tokenizer, "count to 60")
+    ids = prompt_ids(tokenizer, "count to 60")
     full, _ = generate(runner, ids)
     # Pick a stop string whose text starts in one 3-id chunk and ends in the next.
     ends = [len(tokenizer.decode(full.ids[:i])) for i in range(0, len(full.ids) + 1, 3)]
@@ -95,19 +88,19 @@ def test_stop_string_spanning_two_chunks(runner, tokenizer):
 
 def test_stop_string_never_leaks_a_prefix(runner, tokenizer):
     # "21" streams before ", 22" is known; it must be held back, not sent and then taken back.
-    result, pieces = generate(runner, chat(tokenizer, "count to 30"), stop=["21, 22"])
+    result, pieces = generate(runner, prompt_ids(tokenizer, "count to 30"), stop=["21, 22"])
     assert result.text.endswith("20, ") and "21" not in "".join(pieces)
 
 
 def test_the_1024_token_window_ends_as_length(runner, tokenizer):
-    ids = chat(tokenizer, "count to 2000")
+    ids = prompt_ids(tokenizer, "count to 2000")
     result, _ = generate(runner, ids)
     assert result.finish_reason == "length"
-    # PROTOCOL.md: a prompt of L tokens yields at most 1025 - L output ids; the last 1-2 are never
+    # docs/PROTOCOL.md: a prompt of L tokens yields at most 1025 - L output ids; the last 1-2 are never
     # printed but come with the final /decode, and they are part of the result.
     assert len(result.ids) == protocol.MAX_TOKEN_LEN + 1 - len(ids)
     assert result.text == tokenizer.decode(result.ids)
-    assert generate(runner, chat(tokenizer, "after the window"))[0].text == said("after the window")
+    assert generate(runner, prompt_ids(tokenizer, "after the window"))[0].text == said("after the window")
 
 
 def test_prompt_of_1024_tokens_yields_one_id(runner, tokenizer):
@@ -126,16 +119,16 @@ def test_cancel_mid_reply_then_a_normal_request(make_runner, tokenizer):
         pieces.append(piece)
         cancel.set()  # the client goes away as soon as the first text arrives
 
-    result = runner.generate(chat(tokenizer, "count to 1000"), on_text=on_text, cancelled=cancel.is_set)
+    result = runner.generate(prompt_ids(tokenizer, "count to 1000"), on_text=on_text, cancelled=cancel.is_set)
     assert result.finish_reason == "cancelled"
     assert 0 < len(result.ids) < 100
-    after, _ = generate(runner, chat(tokenizer, "and now?"))
+    after, _ = generate(runner, prompt_ids(tokenizer, "and now?"))
     assert after.text == said("and now?")
 
 
 def test_timings_are_reported(make_runner, tokenizer):
     runner = make_runner(token_ms=10)
-    ids = chat(tokenizer, "timing")
+    ids = prompt_ids(tokenizer, "timing")
     result, _ = generate(runner, ids)
     # The emulator spends token_ms per prompt token before the first output id.
     assert result.prompt_seconds >= len(ids) * 0.010
@@ -152,7 +145,7 @@ def test_progress_is_reported_while_loading(make_runner):
 def test_crash_mid_reply_is_a_typed_error(make_runner, tokenizer):
     runner = make_runner(fault="crash:4")
     with pytest.raises(CardDead, match="device 1 is dead"):
-        runner.generate(chat(tokenizer, "hello"))
+        runner.generate(prompt_ids(tokenizer, "hello"))
     assert not runner.usable
 
 
@@ -166,13 +159,13 @@ def test_exit_mid_reply_without_a_report(make_runner, tokenizer, tmp_path):
         pieces.append(piece)
 
     with pytest.raises(RunnerDied, match="signal 9"):
-        runner.generate(chat(tokenizer, "count to 500"), on_text=on_text)
+        runner.generate(prompt_ids(tokenizer, "count to 500"), on_text=on_text)
 
 
 def test_hang_mid_reply_hits_the_stall_timeout(make_runner, tokenizer):
     runner = make_runner(fault="hang:4", stall_timeout=0.5)
     with pytest.raises(RunnerStalled):
-        runner.generate(chat(tokenizer, "hello"))
+        runner.generate(prompt_ids(tokenizer, "hello"))
 
 
 @pytest.mark.parametrize("fault, message", [
@@ -205,11 +198,11 @@ def test_close_quits_with_q(make_runner):
 def test_back_to_back_interrupted_generations(runner, tokenizer):
     # Regression: a SIGINT sent through the pty (^C) is handled later by the line discipline, which then
     # discarded the next handle line (the runner waited forever) or interrupted the next generation.
-    long_ids = chat(tokenizer, "count to 300")
+    long_ids = prompt_ids(tokenizer, "count to 300")
     for i in range(40):
         limited, _ = generate(runner, long_ids, max_tokens=1 + i % 5)
         assert len(limited.ids) == 1 + i % 5
-        follow, _ = generate(runner, chat(tokenizer, f"follow {i}"))
+        follow, _ = generate(runner, prompt_ids(tokenizer, f"follow {i}"))
         assert follow.text == said(f"follow {i}") and follow.finish_reason == "stop"
 
 
@@ -279,13 +272,13 @@ def test_a_decode_answer_later_than_the_runners_timeout(make_runner, tokenizer, 
     # for text that would never be printed, and the generation stalled.
     runner = make_runner(stall_timeout=5)
     calls = slow_decode(nth=2, seconds=1.3)
-    result, pieces = generate(runner, chat(tokenizer, "late answer"))
+    result, pieces = generate(runner, prompt_ids(tokenizer, "late answer"))
     assert result.text == said("late answer") and result.finish_reason == "stop"
     assert result.ids == tokenizer.encode(result.text)
     live_chunks = -(-len(result.ids) // 3)  # chunks of 3 ids, the last one shorter (flushed at eos)
     assert len(calls) == live_chunks + 2  # one chunk asked for twice, and the final call with all ids
     assert calls[1] == calls[2]
-    assert generate(runner, chat(tokenizer, "after"))[0].text == said("after")
+    assert generate(runner, prompt_ids(tokenizer, "after"))[0].text == said("after")
 
 
 def test_a_decode_that_fails_twice_prints_nothing_but_counts(make_runner, tokenizer, slow_decode):
@@ -293,7 +286,7 @@ def test_a_decode_that_fails_twice_prints_nothing_but_counts(make_runner, tokeni
     runner = make_runner(stall_timeout=8)
     slow_decode(nth=2, seconds=1.3)
     slow_decode(nth=3, seconds=1.3)  # the retry is late too
-    result, _ = generate(runner, chat(tokenizer, "twice late"))
+    result, _ = generate(runner, prompt_ids(tokenizer, "twice late"))
     assert result.text == said("twice late")  # the unprinted chunk's text comes from its ids
     assert result.ids == tokenizer.encode(result.text)
 
@@ -301,7 +294,7 @@ def test_a_decode_that_fails_twice_prints_nothing_but_counts(make_runner, tokeni
 def test_a_stop_string_completed_by_a_held_back_character(runner, tokenizer):
     # Regression: max_tokens cuts an emoji in half; the U+FFFD the decoder then releases completes the stop
     # string, after the last id (this raised StopIteration and restarted the runner).
-    ids = chat(tokenizer, "🦩")
+    ids = prompt_ids(tokenizer, "🦩")
     full, _ = generate(runner, ids)
     cut = next(n for n in range(1, len(full.ids)) if tokenizer.decode(full.ids[:n]).endswith("\ufffd"))
     result, _ = generate(runner, ids, max_tokens=cut, stop=["\ufffd"])

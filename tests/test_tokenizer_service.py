@@ -29,35 +29,35 @@ def test_vendor_behaviour_for_a_plain_line(service):
 def test_a_handle_encodes_to_the_registered_prompt(service, tokenizer):
     messages = [{"role": "system", "content": "S\nS"}, {"role": "user", "content": "a\n\nb"}]
     ids = tokenizer.chat_ids(messages)
-    generation = service.register(ids)
+    log = service.register(ids)
     try:
-        assert "\n" not in generation.handle and len(generation.handle) < 80
-        assert call(service, "POST", "/encode", {"text": generation.handle}) == (200, {"token_ids": ids})
+        assert "\n" not in log.handle and len(log.handle) < 80
+        assert call(service, "POST", "/encode", {"text": log.handle}) == (200, {"token_ids": ids})
     finally:
-        service.forget(generation)
+        service.forget(log)
     # Once forgotten, the same line is just text again.
-    status, body = call(service, "POST", "/encode", {"text": generation.handle})
+    status, body = call(service, "POST", "/encode", {"text": log.handle})
     assert body["token_ids"] != ids
 
 
 def test_decode_chunks_are_safe_to_print(service, tokenizer):
     text = "你好，世界 🎉🎉 emoji 👨‍👩‍👧 done"
     ids = tokenizer.encode(text)
-    generation = service.register([1, 2, 3])
+    log = service.register([1, 2, 3])
     try:
-        call(service, "POST", "/encode", {"text": generation.handle})
+        call(service, "POST", "/encode", {"text": log.handle})
         parsed = urllib.parse.urlsplit(service.url)
         conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=5)  # kept alive
         pieces = [call(service, "POST", "/decode", {"token_ids": ids[i:i + 3]}, conn)[1]["text"]
                   for i in range(0, len(ids), 3)]
         assert "".join(pieces) == text
         assert not any("\ufffd" in piece for piece in pieces)
-        assert [c.ids for c in generation.calls()] == [ids[i:i + 3] for i in range(0, len(ids), 3)]
+        assert [c.ids for c in log.calls()] == [ids[i:i + 3] for i in range(0, len(ids), 3)]
         # The closing call with all ids is recognised as possibly final.
         call(service, "POST", "/decode", {"token_ids": ids}, conn)
-        assert generation.calls()[-1].maybe_final
+        assert log.calls()[-1].maybe_final
     finally:
-        service.forget(generation)
+        service.forget(log)
 
 
 def test_decode_without_a_generation_is_plain(service, tokenizer):

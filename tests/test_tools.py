@@ -5,9 +5,9 @@ import ollama
 import openai
 import pytest
 
-from app.tokenizer.service import TokenizerService
+from app.runner.tokenizer_service import TokenizerService
+from helpers import MODEL
 
-MODEL = "qwen2.5"
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a place",
     "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}

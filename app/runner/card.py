@@ -2,8 +2,12 @@
 
 A single long-lived thread spawns the runner (so PR_SET_PDEATHSIG, which fires when the *thread* that
 forked exits, means "when this worker dies"), takes jobs from a FIFO queue one at a time, restarts the
-runner with capped exponential backoff when it fails, and keeps the state /health reports. A file lock
-under instance/ keeps a second process off the same card.
+runner with capped exponential backoff when it fails, and keeps the state /health reports. The Card also
+owns the tokenizer service the runner calls back. A file lock under instance/ keeps a second process off
+the same card.
+
+A job tells its requester what happens through typed events: Started, then Text pieces, then Done, or
+Failed at any point.
 """
 import collections
 import fcntl
@@ -12,11 +16,13 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.runner.command import check_installation, choose_program, prepare_workdir, runner_env
-from app.runner.driver import Runner
-from app.runner.errors import CardBusy, CardDead, RunnerError
+from app.runner.driver import GenerationResult, Runner
+from app.runner.errors import CardBusy, CardDead, CardUnavailable, QueueFull, RunnerError
+from app.runner.tokenizer_service import TokenizerService
 from app.runner import protocol
 
 log = logging.getLogger(__name__)
@@ -25,17 +31,59 @@ IDLE_CHECK_SECONDS = 1.0
 UNAVAILABLE_AFTER_CRASHES = 3
 
 
-class CardUnavailable(Exception):
-    """The card cannot take work now (start failure, dead card, repeated crashes, shutting down)."""
-
-    def __init__(self, reason, retry_after=None):
-        super().__init__(reason)
-        self.reason = reason
-        self.retry_after = retry_after
+def internal_error(exc):
+    """A bug of ours as a RunnerError. Its type only: an exception's message may quote a prompt, and this
+    one reaches /health and other clients (the log line carries the traceback)."""
+    return RunnerError(f"internal error ({type(exc).__name__})")
 
 
-class QueueFull(CardUnavailable):
-    pass
+@dataclass(frozen=True)
+class Started:
+    """The card took the job."""
+
+
+@dataclass(frozen=True)
+class Text:
+    """A piece of the answer, as the runner printed it."""
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The end of the job (also after a cancellation: result.finish_reason says "cancelled")."""
+    result: GenerationResult
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job failed: a RunnerError, or CardUnavailable when it never ran."""
+    error: Exception
+
+
+@dataclass
+class CardOptions:
+    """How to run the card: the runner section of the settings, and where its files go."""
+    model_dir: Path
+    workdir: Path
+    lock_path: Path
+    binary: str = "auto"
+    sampling: dict = field(default_factory=dict)
+    emulator: dict = field(default_factory=dict)
+    startup_timeout: float = 120.0
+    stall_timeout: float = 30.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 60.0
+    max_queue: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings, instance_path):
+        runner = settings["runner"]
+        return cls(model_dir=Path(settings["model"]["dir"]), workdir=Path(instance_path) / "runner",
+                   lock_path=Path(instance_path) / "card.lock", binary=runner["binary"],
+                   sampling=settings["sampling"], emulator=runner["emulator"],
+                   startup_timeout=runner["startup_timeout"], stall_timeout=runner["stall_timeout"],
+                   backoff_initial=runner["backoff_initial"], backoff_max=runner["backoff_max"],
+                   max_queue=settings["server"]["max_queue"])
 
 
 class Job:
@@ -63,8 +111,7 @@ class Job:
         return self._cancelled.is_set()
 
     def next_event(self, timeout=None):
-        """("started", None) | ("text", str) | ("done", GenerationResult) | ("error", exception);
-        None when `timeout` passes."""
+        """Started | Text | Done | Failed; None when `timeout` passes."""
         try:
             return self._events.get(timeout=timeout)
         except queue.Empty:
@@ -77,15 +124,14 @@ class Job:
             event = self.next_event(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if event is None:
                 raise TimeoutError("the generation did not finish in time")
-            kind, value = event
-            if kind == "done":
-                return value
-            if kind == "error":
-                raise value
+            if isinstance(event, Done):
+                return event.result
+            if isinstance(event, Failed):
+                raise event.error
 
     # card thread
-    def _put(self, kind, value):
-        self._events.put((kind, value))
+    def _put(self, event):
+        self._events.put(event)
 
 
 class JobQueue:
@@ -145,22 +191,11 @@ class JobQueue:
 class Card:
     """The runner's supervisor. `submit()` from any thread; everything else happens on the card thread."""
 
-    def __init__(self, tokenizer, service, *, model_dir, binary="auto", workdir, lock_path, sampling=None,
-                 emulator=None, startup_timeout=120.0, stall_timeout=30.0, backoff_initial=0.5,
-                 backoff_max=60.0, max_queue=None):
+    def __init__(self, tokenizer, options):
         self.tokenizer = tokenizer
-        self.service = service
-        self.model_dir = Path(model_dir)
-        self.program = choose_program(binary, self.model_dir)
-        self.workdir = Path(workdir)
-        self.lock_path = Path(lock_path)
-        self.sampling = dict(sampling or {})
-        self.emulator = dict(emulator or {})
-        self.startup_timeout = startup_timeout
-        self.stall_timeout = stall_timeout
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
-        self.max_queue = max_queue
+        self.options = options
+        self.service = TokenizerService(tokenizer)
+        self.program = choose_program(options.binary, options.model_dir)
 
         self._queue = JobQueue()
         self._stopping = threading.Event()
@@ -204,6 +239,7 @@ class Card:
         return len(self._queue)
 
     def start(self):
+        self.service.start()
         self._thread = threading.Thread(target=self._run, name="card", daemon=True)
         self._thread.start()
         return self
@@ -211,9 +247,10 @@ class Card:
     def stop(self, timeout=30.0):
         self._stopping.set()
         for job in self._queue.close():
-            job._put("error", CardUnavailable("the service is shutting down"))
+            job._put(Failed(CardUnavailable("the service is shutting down")))
         if self._thread is not None:
             self._thread.join(timeout)
+        self.service.stop()
 
     def submit(self, prompt_ids, max_tokens=None, stop=()):
         """Queue a generation; raises CardUnavailable at once when the card cannot take it."""
@@ -222,7 +259,7 @@ class Card:
         if self.state == "unavailable":
             raise CardUnavailable(self.reason or "the card is unavailable", self._retry_after())
         job = Job(prompt_ids, max_tokens, stop)
-        if not self._queue.put(job, self.max_queue):
+        if not self._queue.put(job, self.options.max_queue):
             raise QueueFull(f"{len(self._queue)} requests are already waiting for the card", 5)
         return job
 
@@ -241,7 +278,7 @@ class Card:
                 except Exception as exc:  # a bug of ours must not end the only thread that drives the card
                     log.exception("card thread")
                     self._drop_runner()
-                    self._failed(RunnerError(f"internal error: {exc}"), unavailable=False)
+                    self._failed(internal_error(exc), unavailable=False)
                     self._fail_waiting_jobs()
         finally:
             self._shutdown()
@@ -266,14 +303,15 @@ class Card:
         self.progress = (0, protocol.LOAD_STEPS)
         try:
             self._take_lock()
+            options = self.options
             if not self.program.emulated:
-                check_installation(self.program, self.model_dir)
-            prepare_workdir(self.workdir, self.sampling)
-            command = self.program.argv_prefix + protocol.vendor_flags(self.model_dir, self.service.url)
-            env = runner_env(self.program, self.emulator, self.tokenizer.folder)
+                check_installation(self.program, options.model_dir)
+            prepare_workdir(options.workdir, options.sampling)
+            command = self.program.argv_prefix + protocol.vendor_flags(options.model_dir, self.service.url)
+            env = runner_env(self.program, options.emulator, self.tokenizer.folder)
             log.info("starting the runner: %s", self.program.description)
-            self.runner = Runner(command, self.service, self.workdir, env=env,
-                                 startup_timeout=self.startup_timeout, stall_timeout=self.stall_timeout,
+            self.runner = Runner(command, self.service, options.workdir, env=env,
+                                 startup_timeout=options.startup_timeout, stall_timeout=options.stall_timeout,
                                  on_progress=self._on_progress, abort=self._stopping.is_set)
         except RunnerError as exc:
             self._failed(exc, unavailable=True)
@@ -292,25 +330,25 @@ class Card:
 
     def _serve(self, job):
         job.started_at = time.monotonic()
-        job._put("started", None)
+        job._put(Started())
         self.busy = True
         try:
             result = self.runner.generate(job.prompt_ids, max_tokens=job.max_tokens, stop=job.stop,
-                                          on_text=lambda text: job._put("text", text),
+                                          on_text=lambda text: job._put(Text(text)),
                                           cancelled=lambda: job.cancelled or self._stopping.is_set())
         except RunnerError as exc:
-            job._put("error", exc)
+            job._put(Failed(exc))
             self._drop_runner()
             self._failed(exc, unavailable=isinstance(exc, CardDead))
         except Exception as exc:  # a bug of ours: the runner's state is unknown, so restart it
             log.exception("generation failed")
-            error = RunnerError(f"internal error: {exc}")
-            job._put("error", error)
+            error = internal_error(exc)
+            job._put(Failed(error))
             self._drop_runner()
             self._failed(error, unavailable=False)
         else:
             self.failures = 0
-            job._put("done", result)
+            job._put(Done(result))
         finally:
             self.busy = False
 
@@ -324,7 +362,7 @@ class Card:
     def _failed(self, exc, unavailable):
         self.failures += 1
         self.reason = str(exc)
-        delay = min(self.backoff_initial * 2 ** (self.failures - 1), self.backoff_max)
+        delay = min(self.options.backoff_initial * 2 ** (self.failures - 1), self.options.backoff_max)
         self.retry_at = time.monotonic() + delay
         if unavailable or self.failures >= UNAVAILABLE_AFTER_CRASHES:
             self.state = "unavailable"
@@ -348,21 +386,22 @@ class Card:
 
     def _fail_waiting_jobs(self, reason=None):
         for job in self._queue.drain():
-            job._put("error", CardUnavailable(reason or self.reason or "the card is unavailable",
-                                              self._retry_after()))
+            job._put(Failed(CardUnavailable(reason or self.reason or "the card is unavailable",
+                                            self._retry_after())))
 
     def _take_lock(self):
         if self._lock_file is not None:
             return
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock_file = open(self.lock_path, "a+")
+        lock_path = self.options.lock_path
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = open(lock_path, "a+")
         try:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock_file.seek(0)
             holder = lock_file.read().strip() or "unknown"
             lock_file.close()
-            raise CardBusy(f"another process (pid {holder}) is driving the card: {self.lock_path} is locked; "
+            raise CardBusy(f"another process (pid {holder}) is driving the card: {lock_path} is locked; "
                            "one card takes one qwen-chat process") from None
         lock_file.seek(0)
         lock_file.truncate()

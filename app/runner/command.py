@@ -6,10 +6,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.paths import PROJECT_DIR
 from app.runner import protocol
 from app.runner.errors import RunnerStartError
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
 VENDOR_BINARIES = {"aarch64": "main_axcl_aarch64", "arm64": "main_axcl_aarch64", "x86_64": "main_axcl_x86"}
 AXCL_LIBRARY_DIR = "/usr/lib/axcl"
 

@@ -1,7 +1,8 @@
 """Drive main_axcl (or its emulation) through pexpect: one class, one verb.
 
 `Runner(...)` spawns the runner under a pty and waits for its prompt; `Runner.generate(...)` runs one
-prompt and returns its result. The design follows PROTOCOL.md's traps:
+prompt and returns its result. The Runner keeps only the child process; each generation's limits, output,
+decode log, callbacks and timings live in a `Generation`. The design follows docs/PROTOCOL.md's traps:
 
 - The prompt never goes to stdin: the tokenizer service registers it and we write one short handle line.
 - The end of a generation is found only as the `hit eos` notice followed by `>> `, and only where every
@@ -22,12 +23,13 @@ import select
 import signal
 import termios
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pexpect
 
 from app.runner import protocol
 from app.runner.errors import CardDead, RunnerDied, RunnerStalled, RunnerStartError
+from app.text import marker_prefix_at_end, printable
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ class GenerationResult:
     generation_seconds: float = 0.0  # first output id -> end
     total_seconds: float = 0.0
     stop_sequence: str | None = None
+    runner_tokens_per_second: float | None = None  # the runner's own "avg ... token/s" (prompt and output)
 
     @property
     def completion_tokens(self):
@@ -62,27 +65,139 @@ class GenerationResult:
         return 0.0
 
 
-@dataclass
-class _Limits:
-    """What ends a generation early, and why it ended when it did."""
-    max_tokens: int | None
-    stops: list
-    reason: str | None = None     # set when we interrupt: "length", "stop" or "cancelled"
-    stop_sequence: str | None = None
-    cut_text_at: int | None = None
-    cut_ids_at: int | None = None
+class Generation:
+    """One prompt run on the runner: its limits, the output taken so far, its decode log, the caller's
+    callbacks, and its timings. The Runner reads the child; this object decides what the bytes mean."""
+
+    def __init__(self, log, decoder, max_tokens, stops, on_text, cancelled, interrupt):
+        self.log = log                  # the tokenizer service's record of this prompt's /decode calls
+        self.prompt_ids = log.prompt_ids
+        self.max_tokens = max_tokens
+        self.stops = [s for s in stops if s]
+        self._decoder = decoder
+        self._on_text = on_text
+        self._cancelled = cancelled
+        self._interrupt_runner = interrupt
+        # Output taken so far, within the limits.
+        self.taken = 0                  # /decode calls accounted for
+        self.ids = []                   # ids kept for the result
+        self.text = ""
+        self._id_text_end = []          # len(text) once each kept id was decoded
+        self._emitted = 0               # chars of text passed to on_text
+        self._truncated = False         # ids were dropped at max_tokens
+        # Why it ended early: set when we interrupt ("length", "stop" or "cancelled").
+        self.reason = None
+        self._stop_sequence = None
+        self._cut_text_at = None
+        self._cut_ids_at = None
+        # Timings (monotonic).
+        self.started = time.monotonic()
+        self.first_id_at = None
+        self.ended = None
+        self.runner_tokens_per_second = None  # the runner's own figure, from its end notice
+
+    # -- as the runner prints ------------------------------------------------------------------------
+    def take_call(self, call, now):
+        """The runner printed (or skipped) one /decode answer: its ids are output."""
+        self.taken += 1
+        self._take(call.ids, now)
+
+    def _take(self, ids, now, may_interrupt=True):
+        """Decode ids one by one within the limits, and emit the settled text."""
+        if self.first_id_at is None and ids:
+            self.first_id_at = now
+        if self.reason is not None:
+            return  # interrupted: what still arrives is past the limit
+        for token_id in ids:
+            if self.max_tokens is not None and len(self.ids) >= self.max_tokens:
+                self._truncated = True
+                break
+            self.ids.append(token_id)
+            self.text += self._decoder.push([token_id])
+            self._id_text_end.append(len(self.text))
+        self._apply_stops(may_interrupt)
+        self._emit(final=False)
+
+    def check_limits(self):
+        """Interrupt the runner when the client has gone or max_tokens is reached."""
+        if self.reason is None and self._cancelled is not None and self._cancelled():
+            self._interrupt("cancelled")
+        if self.reason is None and self.max_tokens is not None and len(self.ids) >= self.max_tokens:
+            self._interrupt("length")
+
+    def end(self, now, runner_tps):
+        self.ended = now
+        try:
+            self.runner_tokens_per_second = float(runner_tps)
+        except ValueError:
+            pass  # "nan" and the like: the runner had nothing to measure
+
+    def _interrupt(self, reason):
+        self.reason = reason
+        self._interrupt_runner()
+
+    def _apply_stops(self, may_interrupt):
+        if not self.stops or self._cut_text_at is not None:
+            return
+        # A match can only end in text added since the last emit, so start looking just before it.
+        start = max(0, self._emitted - max(len(s) for s in self.stops))
+        found = min(((at, s) for s in self.stops if (at := self.text.find(s, start)) >= 0), default=None)
+        if found is None:
+            return
+        self._cut_text_at, self._stop_sequence = found
+        # Count the ids up to the one that completed the stop string, as OpenAI and vLLM count them.
+        end = found[0] + len(found[1])
+        # (The text past the last id is what the decoder held back and released at the end.)
+        self._cut_ids_at = next((i + 1 for i, e in enumerate(self._id_text_end) if e >= end), len(self.ids))
+        if may_interrupt and self.reason is None:
+            self._interrupt("stop")
+
+    def _emit(self, final):
+        """Pass on the text that is settled: never past a stop string, never a possible stop prefix."""
+        end = len(self.text) if self._cut_text_at is None else self._cut_text_at
+        if not final and self._cut_text_at is None and self.stops:
+            end -= marker_prefix_at_end(self.text, self.stops)
+        if end > self._emitted:
+            piece = self.text[self._emitted:end]
+            self._emitted = end
+            if self._on_text is not None:
+                self._on_text(piece)
+
+    # -- at the end ----------------------------------------------------------------------------------
+    def result(self):
+        calls = self.log.calls()
+        # The runner's last /decode carries all output ids, including the 1-2 it never printed when the
+        # window ended it. Keep them (within the limits) so the result holds every output id.
+        if calls and calls[-1].maybe_final and self.reason is None:
+            self._take(calls[-1].ids[len(self.ids):], self.ended, may_interrupt=False)
+        self.text += self._decoder.finish()
+        self._apply_stops(may_interrupt=False)
+        window = protocol.MAX_TOKEN_LEN + 1 - len(self.prompt_ids)
+        if self.reason == "cancelled":
+            reason = "cancelled"
+        elif self._cut_text_at is not None:
+            self.text = self.text[:self._cut_text_at]
+            self.ids = self.ids[:self._cut_ids_at]
+            reason = "stop"
+        elif self.reason == "length" or self._truncated or len(self.ids) >= window:
+            reason = "length"
+        else:
+            reason = "stop"  # the model's end of turn
+        self._emit(final=True)
+        first = self.first_id_at or self.ended
+        return GenerationResult(
+            text=self.text, ids=list(self.ids), finish_reason=reason,
+            prompt_tokens=len(self.prompt_ids), prompt_seconds=first - self.started,
+            generation_seconds=self.ended - first, total_seconds=self.ended - self.started,
+            stop_sequence=self._stop_sequence if reason == "stop" else None,
+            runner_tokens_per_second=self.runner_tokens_per_second)
 
 
-@dataclass
-class _Output:
-    """Text and ids taken so far from the runner's live output, within the limits."""
-    decoder: object
-    ids: list = field(default_factory=list)    # ids kept for the result
-    text: str = ""
-    id_text_end: list = field(default_factory=list)  # len(text) once each kept id was decoded
-    emitted: int = 0                           # chars of text passed to on_text
-    truncated: bool = False                    # ids were dropped at max_tokens
-    first_id_at: float | None = None
+def raise_if_dead(data):
+    """The one dead-card check: CardDead when the runner's output reports the card dead."""
+    match = protocol.DEAD_CARD_RE.search(data)
+    if match:
+        raise CardDead("the card is dead: " + match.group(0).decode("ascii"))
 
 
 def _child_setup(parent_pid, fd_in=0):
@@ -188,8 +303,7 @@ class Runner:
                 scanned = match.end()
                 if on_progress is not None:
                     on_progress(int(match.group(1)), int(match.group(2)))
-            if protocol.DEAD_CARD_RE.search(seen):
-                raise CardDead(f"the card is dead: {self._first_line(protocol.DEAD_CARD_RE, seen)}")
+            raise_if_dead(seen)
             ready = seen.find(protocol.READY_PROMPT)
             if ready >= 0 and protocol.INIT_OK in seen:
                 self._leftover = seen[ready + len(protocol.READY_PROMPT):]
@@ -203,13 +317,6 @@ class Runner:
         if errors:
             return f"the runner failed to start ({status}): " + "; ".join(dict.fromkeys(errors))
         return f"the runner exited during start-up ({status}){self._last_words(seen)}"
-
-    @staticmethod
-    def _first_line(pattern, data):
-        match = pattern.search(data)
-        start = data.rfind(b"\n", 0, match.start()) + 1
-        end = data.find(b"\n", match.end())
-        return data[start:end if end >= 0 else None].decode("utf-8", "replace").strip()
 
     @staticmethod
     def _last_words(seen):
@@ -240,103 +347,93 @@ class Runner:
         if not self.usable:
             raise RunnerDied("the runner is not usable after an earlier failure")
         self.usable = False  # until this generation ends cleanly
-        limits = _Limits(max_tokens, [s for s in stop if s])
-        output = _Output(self.service.tokenizer.incremental_decoder())
-        generation = self.service.register(prompt_ids)
-        started = time.monotonic()
+        log = self.service.register(prompt_ids)
+        generation = Generation(log, self.service.tokenizer.incremental_decoder(), max_tokens, stop, on_text,
+                                cancelled, interrupt=lambda: interrupt(self.child))
         try:
             try:
-                self.child.send(generation.handle.encode("ascii") + b"\n")
+                self.child.send(log.handle.encode("ascii") + b"\n")
             except OSError as exc:
                 raise RunnerDied(f"the runner's terminal is gone: {exc}") from None
-            end = self._stream(generation, limits, output, on_text, cancelled, started)
+            self._stream(generation)
         finally:
-            self.service.forget(generation)
-        result = self._finish(generation, limits, output, on_text, started, end)
+            self.service.forget(log)
+        result = generation.result()
         self.usable = True
         return result
 
-    def _stream(self, generation, limits, output, on_text, cancelled, started):
-        """Read the runner until the end marker; returns the monotonic time it ended."""
+    def _stream(self, generation):
+        """Read the runner until the end marker (which sets generation.ended)."""
         buf = self._leftover
         self._leftover = bytearray()
-        taken = 0               # /decode calls accounted for
         calls_seen = 0
-        last_activity = started
+        last_activity = generation.started
         prefill_allowance = len(generation.prompt_ids) * PREFILL_SECONDS_PER_TOKEN
         while True:
-            pos, taken, state = self._account(buf, generation, taken, limits, output, on_text)
+            pos, state = self._account(buf, generation)
             if state == "ended":
-                return time.monotonic()
+                return
             del buf[:pos]  # only bytes not yet accounted for are kept, and scanned again
-            if state == "unknown" and protocol.DEAD_CARD_RE.search(buf):
-                raise CardDead(f"the card is dead: {self._first_line(protocol.DEAD_CARD_RE, buf)}")
-
-            # Interrupt when a limit is reached or the client has gone.
-            if limits.reason is None and cancelled is not None and cancelled():
-                self._interrupt(limits, "cancelled")
-            if limits.reason is None and limits.max_tokens is not None and len(output.ids) >= limits.max_tokens:
-                self._interrupt(limits, "length")
+            if state == "unknown":
+                raise_if_dead(buf)
+            generation.check_limits()  # interrupts when a limit is reached or the client has gone
 
             # Wait for more output, within the stall timeout (generous while the prompt is fed).
             now = time.monotonic()
-            total_calls = generation.call_count
+            total_calls = generation.log.call_count
             if total_calls != calls_seen:
                 calls_seen, last_activity = total_calls, now
-            allowance = self.stall_timeout + (prefill_allowance if output.first_id_at is None else 0)
+            allowance = self.stall_timeout + (prefill_allowance if generation.first_id_at is None else 0)
             if now - last_activity > allowance:
-                pending = generation.calls(taken)
+                pending = generation.log.calls(generation.taken)
+                # Counts only: this message reaches /health, the log and other clients.
                 raise RunnerStalled(
                     f"the runner printed nothing we could account for in {now - last_activity:.0f} s while "
-                    f"generating (unaccounted output {bytes(buf[-200:])!r}; {len(pending)} /decode answers "
-                    f"not yet seen: {[c.printed for c in pending][:3]!r})")
+                    f"generating ({len(buf)} bytes of unaccounted output; {len(pending)} /decode answers not "
+                    "yet seen)")
             try:
                 data = self._read(POLL_SECONDS)
             except pexpect.EOF:
-                if protocol.DEAD_CARD_RE.search(buf):
-                    raise CardDead(f"the card is dead: {self._first_line(protocol.DEAD_CARD_RE, buf)}") from None
-                raise RunnerDied(f"the runner exited while generating ({self._exit_status()})"
-                                 f"{self._last_words(buf)}") from None
+                raise_if_dead(buf)
+                raise RunnerDied(f"the runner exited while generating ({self._exit_status()})") from None
             if data:
                 buf += data
                 last_activity = time.monotonic()
 
-    def _account(self, buf, generation, taken, limits, output, on_text):
+    def _account(self, buf, generation):
         """Match the bytes in `buf` against the answered /decode calls, in order.
 
-        Returns (bytes accounted for, calls accounted for, state): "ended" once the end marker is
-        matched, "partial" while a chunk is still arriving or an empty answer is undecided, "unknown"
-        when bytes that are neither text nor a known line wait there (a dead card's report, say).
+        Returns (bytes accounted for, state): "ended" once the end marker is matched, "partial" while a chunk
+        is still arriving or an empty answer is undecided, "unknown" when bytes that are neither text nor a
+        known line wait there (a dead card's report, say). Calls accounted for count in generation.taken.
         """
         pos = 0
         while True:
-            calls = generation.calls(taken)
+            calls = generation.log.calls(generation.taken)
             if calls and calls[0].maybe_final:
                 # The runner's last /decode comes after the notice: if the marker is here, that was it.
                 if protocol.END_RE.match(buf, pos):
-                    return self._ended(buf, pos), taken, "ended"
+                    return self._ended(buf, pos, generation), "ended"
                 if not calls[0].printed and len(calls) == 1:
-                    return pos, taken, "partial"  # live or final? the next call or the marker will say
+                    return pos, "partial"  # live or final? the next call or the marker will say
             elif not calls and protocol.END_RE.match(buf, pos):
-                return self._ended(buf, pos), taken, "ended"
+                return self._ended(buf, pos, generation), "ended"
             if calls:
                 printed = calls[0].printed.encode("utf-8")
                 if buf.startswith(printed, pos):
                     pos += len(printed)
-                    taken += 1
-                    self._take(calls[0].ids, limits, output, on_text, time.monotonic())
+                    generation.take_call(calls[0], time.monotonic())
                     continue
                 if printed.startswith(bytes(buf[pos:])):
-                    return pos, taken, "partial"
+                    return pos, "partial"
                 if self._moved_on(buf, pos, calls):
                     # The runner never got this answer (it retries a /decode once, then prints nothing for
                     # that chunk and goes on): its ids count all the same, and their text is ours to give.
-                    taken += 1
-                    self._take(calls[0].ids, limits, output, on_text, time.monotonic())
+                    generation.take_call(calls[0], time.monotonic())
                     continue
             line_end = self._stray_line_end(buf, pos)
             if line_end is None:
-                return pos, taken, ("unknown" if pos < len(buf) else "partial")
+                return pos, ("unknown" if pos < len(buf) else "partial")
             pos = line_end
 
     @staticmethod
@@ -349,9 +446,10 @@ class Runner:
             return True
         return not calls[0].maybe_final and protocol.END_RE.match(buf, pos) is not None
 
-    def _ended(self, buf, pos):
+    def _ended(self, buf, pos, generation):
         match = protocol.END_RE.match(buf, pos)
         self._leftover = buf[match.end():]
+        generation.end(time.monotonic(), match.group("tps"))
         return match.end()
 
     @staticmethod
@@ -361,96 +459,10 @@ class Runner:
             match = pattern.match(buf, pos)
             if match:
                 line = bytes(match.group(0))
-                if protocol.DEAD_CARD_RE.search(line):
-                    raise CardDead("the card is dead: " + line.decode("utf-8", "replace").strip())
-                log.warning("runner: %s", line.decode("utf-8", "replace").strip())
+                raise_if_dead(line)
+                log.warning("runner: %s", printable(line.decode("utf-8", "replace").strip()))
                 return match.end()
         return None
-
-    def _take(self, ids, limits, output, on_text, now, may_interrupt=True):
-        """Account for ids the runner printed: decode them one by one within the limits, emit the text."""
-        if output.first_id_at is None and ids:
-            output.first_id_at = now
-        if limits.reason is not None:
-            return  # interrupted: what still arrives is past the limit
-        for token_id in ids:
-            if limits.max_tokens is not None and len(output.ids) >= limits.max_tokens:
-                output.truncated = True
-                break
-            output.ids.append(token_id)
-            output.text += output.decoder.push([token_id])
-            output.id_text_end.append(len(output.text))
-        self._apply_stops(limits, output, may_interrupt)
-        self._emit(limits, output, on_text, final=False)
-
-    def _apply_stops(self, limits, output, may_interrupt):
-        if not limits.stops or limits.cut_text_at is not None:
-            return
-        # A match can only end in text added since the last emit, so start looking just before it.
-        start = max(0, output.emitted - max(len(s) for s in limits.stops))
-        found = min(((at, s) for s in limits.stops if (at := output.text.find(s, start)) >= 0), default=None)
-        if found is None:
-            return
-        limits.cut_text_at, limits.stop_sequence = found
-        # Count the ids up to the one that completed the stop string, as OpenAI and vLLM count them.
-        end = found[0] + len(found[1])
-        # (The text past the last id is what the decoder held back and released at the end.)
-        limits.cut_ids_at = next((i + 1 for i, e in enumerate(output.id_text_end) if e >= end), len(output.ids))
-        if may_interrupt and limits.reason is None:
-            self._interrupt(limits, "stop")
-
-    def _emit(self, limits, output, on_text, final):
-        """Pass on the text that is settled: never past a stop string, never a possible stop prefix."""
-        end = len(output.text) if limits.cut_text_at is None else limits.cut_text_at
-        if not final and limits.cut_text_at is None and limits.stops:
-            end -= self._possible_stop_prefix(output.text, limits.stops)
-        if end > output.emitted:
-            piece = output.text[output.emitted:end]
-            output.emitted = end
-            if on_text is not None:
-                on_text(piece)
-
-    @staticmethod
-    def _possible_stop_prefix(text, stops):
-        """Length of the longest tail of `text` that could begin a stop string."""
-        best = 0
-        for stop_string in stops:
-            for n in range(min(len(stop_string) - 1, len(text)), best, -1):
-                if text.endswith(stop_string[:n]):
-                    best = n
-                    break
-        return best
-
-    def _interrupt(self, limits, reason):
-        limits.reason = reason
-        interrupt(self.child)
-
-    def _finish(self, generation, limits, output, on_text, started, ended):
-        calls = generation.calls()
-        # The runner's last /decode carries all output ids, including the 1-2 it never printed when the
-        # window ended it. Keep them (within the limits) so the result holds every output id.
-        if calls and calls[-1].maybe_final and limits.reason is None:
-            self._take(calls[-1].ids[len(output.ids):], limits, output, on_text, ended, may_interrupt=False)
-        output.text += output.decoder.finish()
-        self._apply_stops(limits, output, may_interrupt=False)
-        window = protocol.MAX_TOKEN_LEN + 1 - len(generation.prompt_ids)
-        if limits.reason == "cancelled":
-            reason = "cancelled"
-        elif limits.cut_text_at is not None:
-            output.text = output.text[:limits.cut_text_at]
-            output.ids = output.ids[:limits.cut_ids_at]
-            reason = "stop"
-        elif limits.reason == "length" or output.truncated or len(output.ids) >= window:
-            reason = "length"
-        else:
-            reason = "stop"  # the model's end of turn
-        self._emit(limits, output, on_text, final=True)
-        first = output.first_id_at or ended
-        return GenerationResult(
-            text=output.text, ids=list(output.ids), finish_reason=reason,
-            prompt_tokens=len(generation.prompt_ids), prompt_seconds=first - started,
-            generation_seconds=ended - first, total_seconds=ended - started,
-            stop_sequence=limits.stop_sequence if reason == "stop" else None)
 
     # -- idle and shutdown ----------------------------------------------------------------------------
     def check_idle(self):
@@ -462,9 +474,11 @@ class Runner:
         except pexpect.EOF:
             self.usable = False
             raise RunnerDied(f"the runner exited while idle ({self._exit_status()})") from None
-        if protocol.DEAD_CARD_RE.search(self._leftover):
+        try:
+            raise_if_dead(self._leftover)
+        except CardDead:
             self.usable = False
-            raise CardDead(f"the card is dead: {self._first_line(protocol.DEAD_CARD_RE, self._leftover)}")
+            raise
 
     def close(self):
         """`q`, then SIGTERM and SIGKILL to the runner's process group; always reaps it."""

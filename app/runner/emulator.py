@@ -2,12 +2,12 @@
 
     python -m app.runner.emulator <the vendor's flags>
 
-It behaves like the real binary as PROTOCOL.md describes it: the same flags (unknown ones rejected), the
+It behaves like the real binary as docs/PROTOCOL.md describes it: the same flags (unknown ones rejected), the
 same bytes on stdout (banner, colours, progress bar, `>> `, the `hit eos` notice), the same HTTP calls to
 the tokenizer service (`/bos_id` and `/eos_id` at start, `/encode` per input line, `/decode` every 3 ids and
 once more with all ids), the same stop rules (eos, the 1024-token window, SIGINT checked once per step),
 `q` to quit, and the spin on end of input (it sleeps between prompts rather than burning a core). SIGHUP is
-ignored, as the trap in PROTOCOL.md requires: only a signal that kills stops a runner whose parent is gone.
+ignored, as the trap in docs/PROTOCOL.md requires: only a signal that kills stops a runner whose parent is gone.
 
 Its answer is deterministic and derived from the conversation it was given:
 - it says it is the emulated runner and quotes the last user turn (for a prompt without chat markup, the
@@ -42,10 +42,10 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from app.paths import INSTANCE_DIR
 from app.runner import protocol
 
 BUILD_TIME = b"build time: Feb 13 2025 15:44:57\n"
-PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 class Stop(Exception):
@@ -236,7 +236,7 @@ def load_tokenizer(opts):
     axmodel = opts.get("template_filename_axmodel", "")
     if axmodel:
         candidates.append(Path(axmodel).parent.parent / "qwen2.5_tokenizer")
-    candidates.append(PROJECT_DIR / "instance" / "qwen2.5_tokenizer")
+    candidates.append(INSTANCE_DIR / "qwen2.5_tokenizer")
     for candidate in candidates:
         if (candidate / "tokenizer.json").is_file():
             return Tokenizer.from_file(str(candidate / "tokenizer.json"))
@@ -374,7 +374,7 @@ class Emulator:
             prompt_ids = self.client.call("POST", "/encode", {"text": line})["token_ids"]
         except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
             out(protocol.log_line("E", "Encode", 61, "encode request failed"))
-            raise Stop(1) from None  # PROTOCOL.md: a failed /encode is not retried and can crash the runner
+            raise Stop(1) from None  # docs/PROTOCOL.md: a failed /encode is not retried and can crash the runner
         self.record(f"start {time.time():.6f}")
         fault, fault_after = current_fault()
         started = time.monotonic()

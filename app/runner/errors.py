@@ -1,4 +1,8 @@
-"""Typed failures of the runner and the card, each with one clear message for logs, /health and clients."""
+"""Typed failures of the runner and the card, each with one clear message for logs, /health and clients.
+
+Messages carry what happened and counts, never the text of a prompt or an answer: they reach /health, the
+log and other clients' 503s.
+"""
 
 
 class RunnerError(Exception):
@@ -29,3 +33,16 @@ class RunnerStalled(RunnerError):
 class CardBusy(RunnerStartError):
     """Another process holds the card's lock file."""
     kind = "card_busy"
+
+
+class CardUnavailable(Exception):
+    """The card cannot take work now (start failure, dead card, repeated crashes, shutting down)."""
+
+    def __init__(self, reason, retry_after=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class QueueFull(CardUnavailable):
+    """Too many requests already wait for the card."""

@@ -1,7 +1,7 @@
 """main_axcl's stdio, as bytes: what the driver looks for and what the emulated runner prints.
 
-Everything here comes from PROTOCOL.md and the raw session in shared/fixtures/main_axcl_session.log;
-tests/test_emulator.py holds the emulator's output against that fixture.
+Everything here is described in docs/PROTOCOL.md and seen in the raw session
+tests/fixtures/main_axcl_session.log; tests/test_emulator.py holds the emulator's output against that fixture.
 """
 import re
 
@@ -41,7 +41,7 @@ DEAD_CARD_RE = re.compile(rb"device \d+ is dead")
 ERROR_LINE_RE = re.compile(rb"\[E\]\[[^\]\n]*\]\[ *\d+\]: ([^\n\x1b]*)")
 PROGRESS_RE = re.compile(rb"\|\s*(\d+) /\s*(\d+) \[")
 
-# Flags of the vendor binary (PROTOCOL.md, "Command line"). All take a value.
+# Flags of the vendor binary (docs/PROTOCOL.md, "Command line"). All take a value.
 FLAGS = (
     "prompt", "template_filename_axmodel", "axmodel_num", "tokenizer_type", "filename_tokenizer_model",
     "bos", "eos", "filename_post_axmodel", "filename_tokens_embed", "tokens_embed_num", "tokens_embed_size",

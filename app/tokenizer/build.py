@@ -3,7 +3,7 @@
 The model repository ships `qwen2.5_tokenizer/` (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt).
 Where it is absent we rebuild the same folder from `qwen.tiktoken`, which the registry package dashscope 2.0.2
 carries: the ranks, Qwen2's split pattern, NFC, byte-level BPE and the 22 Qwen2.5 added tokens reproduce the
-official ids (the published vector in PROTOCOL.md is checked before anything is written).
+official ids (the published vector in docs/PROTOCOL.md is checked before anything is written).
 
     python -m app.tokenizer.build OUT_DIR [--tiktoken FILE]
 
@@ -44,7 +44,7 @@ PLAIN_ADDED_TOKENS = [
     "<|repo_name|>", "<|file_sep|>",
 ]
 
-# PROTOCOL.md: the default-template rendering of "hello world" and its official ids.
+# docs/PROTOCOL.md: the default-template rendering of "hello world" and its official ids.
 CHECK_TEXT = (
     "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
     "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n"

@@ -10,16 +10,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app import config  # noqa: E402
-from app.runner.card import Card  # noqa: E402
+from app.runner.card import Card, CardOptions  # noqa: E402
 from app.tokenizer.qwen import QwenTokenizer  # noqa: E402
-from app.tokenizer.service import TokenizerService  # noqa: E402
 
 
 def main(lock_path, workdir):
     tokenizer = QwenTokenizer(config.load({})["model"]["tokenizer_dir"])
-    service = TokenizerService(tokenizer).start()
-    card = Card(tokenizer, service, model_dir=Path(workdir) / "model", binary="emulator", workdir=workdir,
-                lock_path=lock_path, emulator={"token_ms": 0}, backoff_initial=30).start()
+    card = Card(tokenizer, CardOptions(model_dir=Path(workdir) / "model", binary="emulator", workdir=Path(workdir),
+                                       lock_path=Path(lock_path), emulator={"token_ms": 0},
+                                       backoff_initial=30)).start()
     state = card.wait_ready(60)
     pid = card.runner.pid if card.runner else None
     print(json.dumps({"state": state, "reason": card.reason, "runner_pid": pid}), flush=True)

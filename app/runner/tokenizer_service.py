@@ -1,13 +1,14 @@
-"""The tokenizer HTTP service that main_axcl calls (PROTOCOL.md, "The tokenizer service it calls").
+"""The tokenizer HTTP service that main_axcl calls back (docs/PROTOCOL.md, "The tokenizer service").
 
-It runs in a thread of our own process, on 127.0.0.1 and a port picked at start. Because it answers
-`/encode`, it decides the exact prompt the card sees: the driver never writes a prompt's text to the
-runner's stdin, only a handle naming a `Generation` registered here, and `/encode` of that handle returns
-the ids rendered from the whole conversation. Any other line gets the vendor's behaviour (default system
-prompt, one user turn), so the binary still works when someone drives it by hand against us.
+The runner's side of our process, owned by the Card: it runs in a thread, on 127.0.0.1 and a port picked at
+start. Because it answers `/encode`, it decides the exact prompt the card sees: the driver never writes a
+prompt's text to the runner's stdin, only a handle naming a `DecodeLog` registered here, and `/encode` of
+that handle returns the ids rendered from the whole conversation. Any other line gets the vendor's behaviour
+(default system prompt, one user turn), so the binary still works when someone drives it by hand against us.
 
 `/decode` answers each live chunk with text that is safe to print (see `IncrementalDecoder`) and records
-every call, so the driver learns the output ids and the exact bytes the runner is about to print.
+every call in the generation's `DecodeLog`, so the driver learns the output ids and the exact bytes the
+runner is about to print.
 """
 import json
 import secrets
@@ -37,7 +38,7 @@ class DecodeCall:
         self.at = time.monotonic()
 
 
-class Generation:
+class DecodeLog:
     """One prompt sent to the runner, and the /decode calls the runner made for it."""
 
     def __init__(self, handle, prompt_ids, decoder):
@@ -53,12 +54,12 @@ class Generation:
         with self._lock:
             last = self._calls[-1] if self._calls else None
             if last is not None and ids == last.ids and time.monotonic() - last.at >= RETRY_SECONDS:
-                # The runner gave up waiting for our answer and asks again (PROTOCOL.md: once, after 1 s).
+                # The runner gave up waiting for our answer and asks again (docs/PROTOCOL.md: once, after 1 s).
                 # It is the same call, not a new chunk: one call, the same answer, its ids counted once.
                 last.at = time.monotonic()
                 return last.printed
             live = self._live_ids
-            # The runner ends every generation with one /decode of all output ids (PROTOCOL.md). Such a
+            # The runner ends every generation with one /decode of all output ids (docs/PROTOCOL.md). Such a
             # call repeats the ids seen so far plus at most the 1-2 that were still pending; a live chunk
             # of 3 new ids can only look like that in rare cases, which the driver settles from stdout.
             maybe_final = ids[:len(live)] == live and len(ids) - len(live) <= 2
@@ -114,35 +115,35 @@ class TokenizerService:
 
     # -- prompts ---------------------------------------------------------------------------------
     def register(self, prompt_ids):
-        """Register a prompt; write `generation.handle` (one short line) to the runner to run it."""
+        """Register a prompt; write `log.handle` (one short line) to the runner to run it."""
         handle = HANDLE_PREFIX + secrets.token_hex(16)
-        generation = Generation(handle, prompt_ids, self.tokenizer.incremental_decoder())
+        log = DecodeLog(handle, prompt_ids, self.tokenizer.incremental_decoder())
         with self._lock:
-            self._pending[handle] = generation
-        return generation
+            self._pending[handle] = log
+        return log
 
-    def forget(self, generation):
+    def forget(self, log):
         with self._lock:
-            self._pending.pop(generation.handle, None)
-            if self._current is generation:
+            self._pending.pop(log.handle, None)
+            if self._current is log:
                 self._current = None
 
     # -- the four calls ----------------------------------------------------------------------------
     def encode(self, text):
         with self._lock:
-            generation = self._pending.get(text)
-            if generation is None:
+            log = self._pending.get(text)
+            if log is None:
                 ids = self.tokenizer.vendor_prompt_ids(text)
-                generation = Generation(None, ids, self.tokenizer.incremental_decoder())
-            self._current = generation
-        return generation.prompt_ids
+                log = DecodeLog(None, ids, self.tokenizer.incremental_decoder())
+            self._current = log
+        return log.prompt_ids
 
     def decode(self, ids):
         with self._lock:
-            generation = self._current
-        if generation is None:
+            log = self._current
+        if log is None:
             return self.tokenizer.decode(ids)
-        return generation.record(ids)
+        return log.record(ids)
 
 
 class _Server(socketserver.ThreadingTCPServer):

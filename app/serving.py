@@ -1,13 +1,18 @@
-"""One request's generation on the card, as both APIs see it: waiting in line, heartbeats, the wall-clock
-limit, and clients that go away. The OpenAI and Ollama views differ only in how they write the events."""
+"""One request's answer from the card, as both APIs serve it: waiting in line, heartbeats, the wall-clock
+limit, clients that go away. Each API only says how to write an answer (an `Answer`); `serve()` is the one
+path every answer takes, whole or streamed."""
+import json
 import socket
 import time
+from dataclasses import dataclass
 
-from flask import Response
+from flask import Response, request
 
+from app.backend import current_backend
 from app.errors import APIError
-from app.runner.card import CardUnavailable, QueueFull
-from app.runner.errors import RunnerError
+from app.requestlog import current_record
+from app.runner.card import Done, Failed, Started, Text
+from app.runner.errors import CardUnavailable, QueueFull
 
 POLL_SECONDS = 0.25  # how often a waiting request looks for its client having left
 CLIENT_CLOSED = 499  # nginx's code for "the client closed the request": nobody reads the response
@@ -15,6 +20,16 @@ CLIENT_CLOSED = 499  # nginx's code for "the client closed the request": nobody 
 
 class ClientGone(Exception):
     """The client closed its connection; its job has been cancelled."""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Nothing happened for generation.heartbeat_seconds."""
+
+
+def compact_json(obj):
+    """The one JSON encoding of everything we stream (SSE data, NDJSON lines)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def client_probe(environ):
@@ -37,8 +52,8 @@ def client_probe(environ):
     return gone
 
 
-def card_error(exc):
-    """Failures of the card as HTTP errors, shaped by the caller's API."""
+def card_failure(exc):
+    """The APIError (503) for a failure of the card: QueueFull, CardUnavailable or a RunnerError."""
     if isinstance(exc, QueueFull):
         return APIError(503, f"The server is busy: {exc.reason}. Retry later.", type="server_busy",
                         code="queue_full", headers={"Retry-After": str(exc.retry_after or 5)})
@@ -46,10 +61,8 @@ def card_error(exc):
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
         return APIError(503, f"The NPU card is unavailable: {exc.reason}", type="service_unavailable",
                         code="card_unavailable", headers=headers)
-    if isinstance(exc, RunnerError):
-        return APIError(503, f"The generation failed: {exc}", type="service_unavailable", code=exc.kind,
-                        headers={"Retry-After": "1"})
-    raise exc
+    return APIError(503, f"The generation failed: {exc}", type="service_unavailable", code=exc.kind,
+                    headers={"Retry-After": "1"})
 
 
 class CardRun:
@@ -72,6 +85,13 @@ class CardRun:
         if record is not None:
             record.prompt_tokens = len(prompt_ids)
 
+    @classmethod
+    def for_request(cls, prompt_ids, max_tokens, stop):
+        """The run for the request being handled (as flaskr's get_db()): its backend, its client's socket and
+        its log record."""
+        return cls(current_backend(), prompt_ids, max_tokens, stop, client_probe(request.environ),
+                   current_record())
+
     def __enter__(self):
         return self
 
@@ -84,19 +104,17 @@ class CardRun:
         try:
             self.job = self.backend.card.submit(self.prompt_ids, self.max_tokens, self.stop)
         except CardUnavailable as exc:
-            raise card_error(exc) from None
+            raise card_failure(exc) from None
         deadline = time.monotonic() + self.queue_timeout
         while True:
             event = self.job.next_event(POLL_SECONDS)
-            if event is not None:
-                kind, value = event
-                if kind == "started":
-                    self.started_at = time.monotonic()
-                    if self.record is not None:
-                        self.record.queue_wait = self.started_at - self.record.received
-                    return self
-                if kind == "error":
-                    raise card_error(value)
+            if isinstance(event, Started):
+                self.started_at = time.monotonic()
+                if self.record is not None:
+                    self.record.queue_wait = self.started_at - self.record.received
+                return self
+            if isinstance(event, Failed):
+                raise card_failure(event.error)
             if self.client_gone():
                 self.job.cancel()
                 raise ClientGone()
@@ -107,28 +125,27 @@ class CardRun:
                                headers={"Retry-After": "5"})
 
     def events(self):
-        """After start(): ("text", str) as it comes, ("heartbeat", None) after a quiet spell, and finally
-        ("done", GenerationResult). A card failure raises APIError; a vanished client raises ClientGone."""
+        """After start(): Text as it comes, Heartbeat after a quiet spell, and finally Done. A card failure
+        raises APIError; a vanished client raises ClientGone."""
         started = time.monotonic()
         last_event = started
         next_probe = started + POLL_SECONDS
         while True:
             event = self.job.next_event(POLL_SECONDS)
             now = time.monotonic()
+            if isinstance(event, Failed):
+                raise card_failure(event.error)
+            if isinstance(event, Done) and event.result.finish_reason == "cancelled":
+                if not self.timed_out:  # we did not cancel it: the service is stopping
+                    raise APIError(503, "The service is shutting down; retry shortly.",
+                                   type="service_unavailable", code="shutting_down",
+                                   headers={"Retry-After": "5"})
+                event.result.finish_reason = "length"  # the wall-clock limit ends a generation like max_tokens
             if event is not None:
-                kind, value = event
-                if kind == "error":
-                    raise card_error(value)
-                if kind == "done" and value.finish_reason == "cancelled":
-                    if not self.timed_out:  # we did not cancel it: the service is stopping
-                        raise APIError(503, "The service is shutting down; retry shortly.",
-                                       type="service_unavailable", code="shutting_down",
-                                       headers={"Retry-After": "5"})
-                    value.finish_reason = "length"  # the wall-clock limit ends a generation like max_tokens
-                self._note(kind, value, now)
+                self._note(event, now)
                 last_event = now
-                yield kind, value
-                if kind == "done":
+                yield event
+                if isinstance(event, Done):
                     return
             # On a clock, not only when idle: text flowing to a closed socket must stop too.
             if now >= next_probe:
@@ -141,32 +158,58 @@ class CardRun:
                 self.job.cancel()
             if now - last_event >= self.heartbeat:
                 last_event = now
-                yield "heartbeat", None
+                yield Heartbeat()
 
-    def _note(self, kind, value, now):
+    def _note(self, event, now):
         record = self.record
         if record is None:
             return
-        if kind == "text" and record.ttft is None:
+        if isinstance(event, Text) and record.ttft is None:
             record.ttft = now - record.received
-        elif kind == "done":
-            record.completion_tokens = value.completion_tokens
-            record.finish_reason = value.finish_reason
-            record.tokens_per_second = value.tokens_per_second
+        elif isinstance(event, Done):
+            record.completion_tokens = event.result.completion_tokens
+            record.finish_reason = event.result.finish_reason
+            record.tokens_per_second = event.result.tokens_per_second
 
     def result(self):
         """Run to the end and return the GenerationResult (non-streamed requests)."""
-        for kind, value in self.events():
-            if kind == "done":
-                return value
+        for event in self.events():
+            if isinstance(event, Done):
+                return event.result
 
 
-def serve(run, stream, whole, write, mimetype, headers=None):
+class Answer:
+    """How one API writes one answer. `serve()` calls, for a stream: opening() once the card took the
+    request, text(piece) for each piece of the answer, heartbeat() after a quiet spell, then closing(result)
+    at the end or error(APIError) if the card failed; each returns the bytes to send. For a plain answer it
+    calls whole(result), which returns the response."""
+    mimetype = "application/json"
+    headers = None
+
+    def opening(self):
+        return b""
+
+    def text(self, text):
+        raise NotImplementedError
+
+    def heartbeat(self):
+        return b""
+
+    def closing(self, result):
+        raise NotImplementedError
+
+    def error(self, error):
+        raise NotImplementedError
+
+    def whole(self, result):
+        raise NotImplementedError
+
+
+def serve(run, answer, stream):
     """The HTTP response for one request's run, for either API.
 
-    Waits for the card first, so a full or failed card is a plain HTTP error. Then `whole(result)` makes a
-    plain answer, or the stream is `write(kind, value)` for each event: "open" first, then "text",
-    "heartbeat" and "done", an "error" (an APIError) if the card fails mid-stream, and "end" last.
+    Waits for the card first, so a full or failed card is a plain HTTP error. Then the answer is written
+    whole, or streamed as the card produces it. The card is freed as soon as the client goes away.
     """
     try:
         run.start()
@@ -178,23 +221,26 @@ def serve(run, stream, whole, write, mimetype, headers=None):
                 result = run.result()
             except ClientGone:
                 return Response(status=CLIENT_CLOSED)
-        return whole(result)
-
-    def events():
-        yield "open", None
-        try:
-            yield from run.events()
-        except APIError as error:
-            yield "error", error
-        except ClientGone:
-            return
-        yield "end", None
+        return answer.whole(result)
 
     def body():
-        # An empty chunk can read as the end of a chunked body to some servers: never send one.
-        return (data for data in (write(kind, value) for kind, value in events()) if data)
+        yield answer.opening()
+        try:
+            for event in run.events():
+                match event:
+                    case Text(text):
+                        yield answer.text(text)
+                    case Heartbeat():
+                        yield answer.heartbeat()
+                    case Done(result):
+                        yield answer.closing(result)
+        except APIError as error:
+            yield answer.error(error)
+        except ClientGone:
+            return
 
-    response = Response(body(), mimetype=mimetype, headers=headers)
+    # An empty chunk can read as the end of a chunked body to some servers: never send one.
+    response = Response((data for data in body() if data), mimetype=answer.mimetype, headers=answer.headers)
     # The server closes the response when the stream ends or the client goes, even if the body was never
     # iterated: either way the card is freed at once.
     response.call_on_close(lambda: run.__exit__(None, None, None))
