@@ -9,6 +9,7 @@ from pathlib import Path
 from flask import current_app
 
 from app.runner.card import Card, CardOptions
+from app.scheduling import Classifier
 from app.tokenizer.qwen import QwenTokenizer
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class Backend:
         self.aliases = {name.lower() for name in [model["name"], *model["aliases"]]}
         self.tokenizer = load_tokenizer(model["tokenizer_dir"])
         self.card = Card(self.tokenizer, CardOptions.from_settings(settings, instance_path))
+        self.request_class = Classifier(settings["scheduling"]["background"]).request_class
         self.started_at = time.monotonic()
         self.created = int(time.time())
         self._stop_lock = threading.Lock()
@@ -86,6 +88,7 @@ class Backend:
             "uptime_seconds": int(time.monotonic() - self.started_at),
             "runner": card.program.description,
             "queue_depth": card.queue_depth,
+            "queue": card.queue_depths(),
             "restarts": card.restarts,
         }
         if model == "loading":

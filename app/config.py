@@ -5,6 +5,7 @@ built-in defaults; validated at start, one clear line per problem.
     python -m app.config --check prints nothing and exits 0 when the configuration is valid
 """
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -114,12 +115,62 @@ class GenerationConfig(_Strict):
     heartbeat_seconds = fields.Float(load_default=10.0, validate=validate.Range(min=0, min_inclusive=False))
 
 
+class ContextConfig(_Strict):
+    overflow = fields.String(load_default="truncate", validate=validate.OneOf(("truncate", "error")))
+    reserve_tokens = fields.Integer(load_default=256, validate=validate.Range(1, 1023))
+
+
+def _regex(value):
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValidationError(f"not a valid regular expression: {exc}") from None
+
+
+class BackgroundRule(_Strict):
+    """One way to recognise background work: a regular expression searched in the last user message, in
+    any system message, in the model name, or in a request header's value."""
+    last_user_message = fields.String(validate=_regex)
+    system_message = fields.String(validate=_regex)
+    model = fields.String(validate=_regex)
+    header = fields.String(validate=validate.Regexp(r"^[A-Za-z0-9-]{1,64}$", error="must be a header name"))
+    pattern = fields.String(validate=_regex)
+
+    @validates_schema
+    def _one_kind(self, data, **kwargs):
+        kinds = [k for k in ("last_user_message", "system_message", "model", "header") if k in data]
+        if len(kinds) != 1:
+            raise ValidationError("a rule has exactly one of last_user_message, system_message, model, header")
+        if ("pattern" in data) != ("header" in data):
+            raise ValidationError("`header` rules need a `pattern` (and only they have one)")
+
+
+# Open WebUI's background tasks (title, tags, follow-ups, queries, autocomplete, image prompt, context
+# compaction) start their only user message with "### Task:"; emoji generation has its own first words; tool
+# selection in Legacy mode and memory review start a system message. Requests can also say it themselves.
+DEFAULT_BACKGROUND_RULES = [
+    {"last_user_message": r"^### Task:"},
+    {"last_user_message": r"^Your task is to reflect the speaker's likely facial expression"},
+    {"system_message": r"^(Available Tools: |You are Open WebUI's private memory reviewer)"},
+    {"header": "Priority", "pattern": r"(^|,)\s*u=7\s*(,|;|$)"},
+    {"header": "X-Qwen-Task", "pattern": r"\S"},
+]
+
+
+class SchedulingConfig(_Strict):
+    preempt = fields.Boolean(load_default=True)
+    background = fields.List(fields.Nested(BackgroundRule), load_default=lambda: [dict(r) for r in
+                                                                                 DEFAULT_BACKGROUND_RULES])
+
+
 class Config(_Strict):
     server = fields.Nested(ServerConfig)
     model = fields.Nested(ModelConfig)
     runner = fields.Nested(RunnerConfig)
     sampling = fields.Nested(SamplingConfig)
     generation = fields.Nested(GenerationConfig)
+    context = fields.Nested(ContextConfig)
+    scheduling = fields.Nested(SchedulingConfig)
 
 
 CONFIG = Config()

@@ -1,8 +1,11 @@
 """CORS for browser clients, off by default: server.cors_origins lists the allowed origins ("*" for any)."""
 from flask import current_app, request
 
+from app import requestlog
+
 ALLOWED_HEADERS = "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project"
 ALLOWED_METHODS = "GET, POST, HEAD, OPTIONS"
+EXPOSED_HEADERS = ", ".join(["X-Request-Id", "Retry-After", requestlog.DROPPED_MESSAGES, requestlog.DROPPED_TOOLS])
 
 
 def _allowed_origin():
@@ -33,7 +36,7 @@ def add_headers(response):
     origin = _allowed_origin()
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
+        response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
         if origin != "*":
             response.vary.add("Origin")
     return response

@@ -1,4 +1,5 @@
-"""What requests give us: JSON bodies, and prompts rendered from them; bad ones are 400s, never 500s."""
+"""What requests give us: JSON bodies, and prompts rendered from them and fitted to the window; bad ones are
+400s, never 500s."""
 import json
 
 from flask import request
@@ -6,6 +7,8 @@ from jinja2 import TemplateError
 
 from app.errors import APIError
 from app.requestlog import current_record
+from app.runner.protocol import MAX_TOKEN_LEN
+from app.window import Conversation, fit
 
 MAX_IGNORED_LOGGED = 10  # field names per log line: a client can send thousands
 
@@ -34,10 +37,31 @@ def read_json(example):
     return data
 
 
-def chat_prompt_ids(tokenizer, messages, tools=None):
-    """The prompt ids of a conversation, by the chat template; what it cannot render is the client's error."""
+def chat_prompt_ids(backend, messages, tools=None, keep_tool=None, instruction=None, max_tokens=None,
+                    window=MAX_TOKEN_LEN):
+    """The prompt ids of a conversation, by the chat template, fitted to the window (window.py): what was
+    left out goes into the request's record (its log line, headers and metrics). What the template cannot
+    render is the client's error."""
+    context = backend.settings["context"]
+    # The answer's room: the configured reserve, or less when the request asks for less; and never more than
+    # half of a small window (Ollama's num_ctx), or nothing of the conversation could stay.
+    reserve = min(context["reserve_tokens"], max_tokens or context["reserve_tokens"], window // 2)
     try:
-        return tokenizer.chat_ids(messages, tools)
+        conversation = Conversation(backend.tokenizer, messages, tools, keep_tool, instruction)
+        fitted = fit(conversation, window, reserve, context["overflow"])
     except (TemplateError, TypeError, ValueError, RecursionError) as exc:
         raise APIError(400, f"The conversation cannot be rendered by the model's chat template: {exc}",
                        param="messages") from None
+    record = current_record()
+    if record is not None and fitted.truncated:
+        record.dropped_messages, record.dropped_tools = fitted.dropped_messages, fitted.dropped_tools
+    return fitted.prompt_ids
+
+
+def check_raw_prompt(prompt_ids, param, window=MAX_TOKEN_LEN, context_tokens=0):
+    """A raw prompt (no chat template: nothing to leave out) must fit the window as it is."""
+    if len(prompt_ids) > window:
+        carried = f" ({context_tokens} of them from `context`)" if context_tokens else ""
+        raise APIError(400, f"This model's maximum context length is {window} tokens. However, your {param} "
+                       f"resulted in {len(prompt_ids)} tokens{carried}. Please reduce the length of the {param}.",
+                       param=param, code="context_length_exceeded")

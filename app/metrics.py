@@ -35,6 +35,12 @@ class Metrics:
                               buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120), registry=self.registry)
         self.queue_wait = Histogram("qwen_chat_queue_wait_seconds", "Arrival until the card took the request",
                                     buckets=(0.01, 0.1, 0.5, 1, 5, 15, 30, 60, 120, 300), registry=self.registry)
+        self.truncated = Counter("qwen_chat_context_truncated_requests", "Requests whose conversation was "
+                                 "shortened to fit the window", ["endpoint"], registry=self.registry)
+        self.dropped = Counter("qwen_chat_context_dropped", "Messages and tool definitions left out to fit the "
+                               "window", ["part"], registry=self.registry)
+        self.classes = Counter("qwen_chat_card_requests", "Requests that used the card, by class",
+                               ["request_class"], registry=self.registry)
         self.tokens_per_second = Histogram("qwen_chat_tokens_per_second", "Output tokens per second",
                                            buckets=(1, 2, 4, 8, 10, 12, 14, 16, 20, 30, 100, 1000, 10000),
                                            registry=self.registry)
@@ -53,6 +59,12 @@ class Metrics:
             self.queue_wait.observe(record.queue_wait)
         if record.tokens_per_second:
             self.tokens_per_second.observe(record.tokens_per_second)
+        if record.request_class:
+            self.classes.labels(record.request_class).inc()
+        if record.dropped_messages or record.dropped_tools:
+            self.truncated.labels(record.endpoint).inc()
+            self.dropped.labels("messages").inc(record.dropped_messages)
+            self.dropped.labels("tools").inc(record.dropped_tools)
 
 
 class _CardCollector:
@@ -63,9 +75,15 @@ class _CardCollector:
 
     def collect(self):
         card = self.backend.card
-        depth = GaugeMetricFamily("qwen_chat_queue_depth", "Requests waiting for the card")
-        depth.add_metric([], card.queue_depth)
+        depth = GaugeMetricFamily("qwen_chat_queue_depth", "Requests waiting for the card, by class",
+                                  labels=["request_class"])
+        for klass, waiting in card.queue_depths().items():
+            depth.add_metric([klass], waiting)
         yield depth
+        preemptions = CounterMetricFamily("qwen_chat_preemptions", "Background generations interrupted for a "
+                                          "person's request (and run again later)")
+        preemptions.add_metric([], card.preemptions)
+        yield preemptions
         busy = GaugeMetricFamily("qwen_chat_card_busy", "1 while the card is generating")
         busy.add_metric([], 1 if card.busy else 0)
         yield busy

@@ -4,11 +4,11 @@ import hashlib
 import time
 from datetime import datetime, timezone
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 
 from app.backend import current_backend
 from app.errors import APIError
-from app.inputs import chat_prompt_ids, read_body
+from app.inputs import chat_prompt_ids, check_raw_prompt, read_body
 from app.requestlog import note_prompt
 from app.runner.protocol import LAYERS, MAX_TOKEN_LEN
 from app.schemas import OLLAMA_CHAT_REQUEST, OLLAMA_GENERATE_REQUEST, OLLAMA_MODEL_REQUEST
@@ -38,18 +38,17 @@ def check_model(name):
 
 
 def max_tokens(options):
-    """num_predict: absent -> the configured default; -1 (forever) or -2 (fill the context) -> the window."""
+    """num_predict: absent -> the configured default; 0 (no limit, as Ollama reads it), -1 (forever) or -2
+    (fill the context) -> the window decides."""
     num_predict = options.get("num_predict")
-    if num_predict is not None and num_predict < 0:
+    if num_predict is not None and num_predict <= 0:
         return MAX_TOKEN_LEN
     return num_predict
 
 
-def check_context(prompt_ids, options):
-    window = min(options.get("num_ctx") or MAX_TOKEN_LEN, MAX_TOKEN_LEN)
-    if len(prompt_ids) > window:
-        raise APIError(400, f"the prompt is {len(prompt_ids)} tokens, more than the context window of {window} "
-                       f"tokens (this model's window is {MAX_TOKEN_LEN}); shorten the conversation")
+def window(options):
+    """num_ctx, within the card's window (Ollama clamps it to what the model can do, as we do)."""
+    return min(options.get("num_ctx") or MAX_TOKEN_LEN, MAX_TOKEN_LEN)
 
 
 def load_reply(model, keep_alive, **empty):
@@ -151,9 +150,10 @@ def chat():
     messages = template_messages(body["messages"])
     note_prompt(messages[-1]["content"])
     tools = raw.get("tools") if body["tools"] else None
-    prompt_ids = chat_prompt_ids(backend.tokenizer, messages, tools)
-    check_context(prompt_ids, options)
-    run = CardRun.for_request(prompt_ids, max_tokens(options), options.get("stop", []))
+    limit = max_tokens(options)
+    prompt_ids = chat_prompt_ids(backend, messages, tools, max_tokens=limit, window=window(options))
+    klass = backend.request_class(request.headers, messages, body["model"])
+    run = CardRun.for_request(prompt_ids, limit, options.get("stop", []), klass, body["stream"])
     answer = OllamaAnswer(run, body["model"], "message", received, tool_names(body["tools"]))
     return serve(run, answer, body["stream"])
 
@@ -167,18 +167,20 @@ def generate():
     if not body["prompt"]:
         return load_reply(body["model"], body["keep_alive"], response="")
     options = body["options"] or {}
+    messages = [{"role": "system", "content": body["system"]}] if body["system"] else []
+    messages.append({"role": "user", "content": body["prompt"]})
     if body["raw"]:
         prompt_ids = backend.tokenizer.encode(body["prompt"])
     else:
-        messages = [{"role": "system", "content": body["system"]}] if body["system"] else []
-        prompt_ids = chat_prompt_ids(backend.tokenizer, messages + [{"role": "user", "content": body["prompt"]}])
+        prompt_ids = backend.tokenizer.chat_ids(messages)
     context = body["context"] or []
     if not all(backend.tokenizer.valid_id(i) for i in context):
         raise APIError(400, "context holds token ids outside the vocabulary")
     prompt_ids = context + prompt_ids  # a conversation continued from an earlier answer's context
-    check_context(prompt_ids, options)
+    check_raw_prompt(prompt_ids, "prompt", window(options), len(context))
     note_prompt(body["prompt"])
-    run = CardRun.for_request(prompt_ids, max_tokens(options), options.get("stop", []))
+    klass = backend.request_class(request.headers, messages, body["model"])
+    run = CardRun.for_request(prompt_ids, max_tokens(options), options.get("stop", []), klass, body["stream"])
     answer = OllamaAnswer(run, body["model"], "response", received,
                           extra=lambda result: {"context": prompt_ids + result.ids})
     return serve(run, answer, body["stream"])

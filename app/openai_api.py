@@ -3,13 +3,12 @@ import logging
 import time
 import uuid
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, jsonify, request
 
 from app.backend import current_backend
 from app.errors import APIError
-from app.inputs import chat_prompt_ids, read_body
+from app.inputs import chat_prompt_ids, check_raw_prompt, read_body
 from app.requestlog import note_prompt
-from app.runner.protocol import MAX_TOKEN_LEN
 from app.schemas import CHAT_COMPLETION_REQUEST, COMPLETION_REQUEST
 from app.serving import Answer, CardRun, compact_json, serve
 from app.tools import collect, output_parser, required_instruction, template_tool_calls, tool_names
@@ -27,14 +26,6 @@ def check_model(name):
     if not current_backend().knows_model(name):
         raise APIError(404, f"The model `{name}` does not exist. This server serves `{current_backend().model_name}`.",
                        param="model", code="model_not_found")
-
-
-def check_context(prompt_ids, param):
-    """A prompt must fit the card's 1024-token window (docs/PROTOCOL.md: 1025 - L output ids at most)."""
-    if len(prompt_ids) > MAX_TOKEN_LEN:
-        raise APIError(400, f"This model's maximum context length is {MAX_TOKEN_LEN} tokens. However, your "
-                       f"{param} resulted in {len(prompt_ids)} tokens. Please reduce the length of the {param}.",
-                       param=param, code="context_length_exceeded")
 
 
 def usage(result):
@@ -93,7 +84,8 @@ def template_messages(messages):
 
 
 def chat_tools(raw, body):
-    """(tools to render as the client sent them, their names, the tool_choice instruction or None)."""
+    """(tools to render as the client sent them, their names, the tool_choice instruction or None); the tool
+    tool_choice names is raw["tool_choice"]["function"]["name"]."""
     tools = raw.get("tools") if body["tools"] else None
     choice = body["tool_choice"]
     if choice == "none" or not tools:
@@ -114,13 +106,14 @@ def chat_completions():
     backend = current_backend()
     messages = template_messages(body["messages"])
     tools, names, instruction = chat_tools(raw, body)
-    if instruction:
-        messages.append({"role": "system", "content": instruction})
     note_prompt(next((m["content"] for m in reversed(messages) if m["role"] in ("user", "tool")), ""))
-    prompt_ids = chat_prompt_ids(backend.tokenizer, messages, tools)
-    check_context(prompt_ids, "messages")
-    run = CardRun.for_request(prompt_ids, body["max_completion_tokens"] or body["max_tokens"], body["stop"])
-    answer = ChatAnswer(backend.model_name, names, body["tool_choice"], include_usage(body))
+    max_tokens = body["max_completion_tokens"] or body["max_tokens"]
+    choice = body["tool_choice"]
+    named = choice["function"]["name"] if isinstance(choice, dict) else None
+    prompt_ids = chat_prompt_ids(backend, messages, tools, named, instruction, max_tokens)
+    klass = backend.request_class(request.headers, messages, body["model"])
+    run = CardRun.for_request(prompt_ids, max_tokens, body["stop"], klass, body["stream"])
+    answer = ChatAnswer(backend.model_name, names, choice, include_usage(body))
     return serve(run, answer, body["stream"])
 
 
@@ -234,10 +227,12 @@ def completions():
         prompt_ids = prompt
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param="prompt")
-    check_context(prompt_ids, "prompt")
-    note_prompt(prompt if isinstance(prompt, str) else backend.tokenizer.decode(prompt_ids))
+    check_raw_prompt(prompt_ids, "prompt")
+    text = prompt if isinstance(prompt, str) else backend.tokenizer.decode(prompt_ids)
+    note_prompt(text)
     echo = backend.tokenizer.decode(prompt_ids) if body["echo"] else ""
-    run = CardRun.for_request(prompt_ids, body["max_tokens"], body["stop"])
+    klass = backend.request_class(request.headers, [{"role": "user", "content": text}], body["model"])
+    run = CardRun.for_request(prompt_ids, body["max_tokens"], body["stop"], klass, body["stream"])
     return serve(run, CompletionAnswer(backend.model_name, echo, include_usage(body)), body["stream"])
 
 

@@ -11,6 +11,8 @@ from app.text import printable
 
 log = logging.getLogger("qwen_chat.requests")
 OBSERVERS = "qwen_request_observers"
+DROPPED_MESSAGES = "X-Context-Dropped-Messages"
+DROPPED_TOOLS = "X-Context-Dropped-Tools"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -32,6 +34,9 @@ class RequestRecord:
         self.tokens_per_second = None
         self.prompt_text = None
         self.ignored_fields = None    # names of request fields we do not use
+        self.request_class = None     # "interactive" or "background", for requests that use the card
+        self.dropped_messages = 0     # left out to fit the window (window.py)
+        self.dropped_tools = 0
 
     def line(self):
         def seconds(value):
@@ -43,6 +48,10 @@ class RequestRecord:
                   f"duration={seconds(time.monotonic() - self.received)}"]
         if self.finish_reason:
             fields.append(f"finish={self.finish_reason}")
+        if self.request_class:
+            fields.append(f"class={self.request_class}")
+        if self.dropped_messages or self.dropped_tools:
+            fields.append(f"dropped=messages:{self.dropped_messages},tools:{self.dropped_tools}")
         if self.ignored_fields:
             fields.append("ignored=" + ",".join(printable(name[:40]) for name in self.ignored_fields))
         if self.prompt_text is not None:
@@ -74,6 +83,10 @@ def finish_record(response):
         return response
     record.status = response.status_code
     response.headers["X-Request-Id"] = record.id
+    if record.dropped_messages or record.dropped_tools:
+        # What was left out of the conversation to fit the window (README, "The 1024-token window").
+        response.headers[DROPPED_MESSAGES] = str(record.dropped_messages)
+        response.headers[DROPPED_TOOLS] = str(record.dropped_tools)
     observers = current_app.extensions[OBSERVERS]
 
     def closed():

@@ -11,7 +11,7 @@ from flask import Response, request
 from app.backend import current_backend
 from app.errors import APIError
 from app.requestlog import current_record
-from app.runner.card import Done, Failed, Started, Text
+from app.runner.card import INTERACTIVE, Done, Failed, Requeued, Started, Text
 from app.runner.errors import CardUnavailable, QueueFull
 
 POLL_SECONDS = 0.25  # how often a waiting request looks for its client having left
@@ -68,12 +68,15 @@ def card_failure(exc):
 class CardRun:
     """Submit, wait for the card, then read events. Use as a context manager: leaving it cancels the job."""
 
-    def __init__(self, backend, prompt_ids, max_tokens, stop, client_gone=lambda: False, record=None):
+    def __init__(self, backend, prompt_ids, max_tokens, stop, klass=INTERACTIVE, streamed=False,
+                 client_gone=lambda: False, record=None):
         settings = backend.settings
         self.backend = backend
         self.prompt_ids = prompt_ids
         self.max_tokens = max_tokens or settings["generation"]["max_tokens"]
         self.stop = stop
+        self.klass = klass          # INTERACTIVE or BACKGROUND (scheduling.py)
+        self.streamed = streamed
         self.client_gone = client_gone
         self.queue_timeout = settings["server"]["queue_timeout"]
         self.wall_timeout = settings["generation"]["timeout"]
@@ -84,12 +87,13 @@ class CardRun:
         self.record = record  # the request's RequestRecord (requestlog.py), filled in as things happen
         if record is not None:
             record.prompt_tokens = len(prompt_ids)
+            record.request_class = klass
 
     @classmethod
-    def for_request(cls, prompt_ids, max_tokens, stop):
+    def for_request(cls, prompt_ids, max_tokens, stop, klass=INTERACTIVE, streamed=False):
         """The run for the request being handled (as flaskr's get_db()): its backend, its client's socket and
         its log record."""
-        return cls(current_backend(), prompt_ids, max_tokens, stop, client_probe(request.environ),
+        return cls(current_backend(), prompt_ids, max_tokens, stop, klass, streamed, client_probe(request.environ),
                    current_record())
 
     def __enter__(self):
@@ -102,16 +106,14 @@ class CardRun:
     def start(self):
         """Queue the job and wait until the card takes it. Raises APIError (503) or ClientGone."""
         try:
-            self.job = self.backend.card.submit(self.prompt_ids, self.max_tokens, self.stop)
+            self.job = self.backend.card.submit(self.prompt_ids, self.max_tokens, self.stop, self.klass, self.streamed)
         except CardUnavailable as exc:
             raise card_failure(exc) from None
         deadline = time.monotonic() + self.queue_timeout
         while True:
             event = self.job.next_event(POLL_SECONDS)
             if isinstance(event, Started):
-                self.started_at = time.monotonic()
-                if self.record is not None:
-                    self.record.queue_wait = self.started_at - self.record.received
+                self._started()
                 return self
             if isinstance(event, Failed):
                 raise card_failure(event.error)
@@ -124,17 +126,32 @@ class CardRun:
                                "retry later.", type="server_busy", code="queue_timeout",
                                headers={"Retry-After": "5"})
 
+    def _started(self):
+        """The card took the job (again, after a preemption)."""
+        self.started_at = time.monotonic()
+        if self.record is not None:
+            self.record.queue_wait = self.started_at - self.record.received
+
     def events(self):
         """After start(): Text as it comes, Heartbeat after a quiet spell, and finally Done. A card failure
-        raises APIError; a vanished client raises ClientGone."""
+        raises APIError; a vanished client raises ClientGone. A background job that gives way to a person
+        (Requeued) waits again and starts again (Started): its client sees only a longer wait."""
         started = time.monotonic()
         last_event = started
         next_probe = started + POLL_SECONDS
+        running = True  # False while a preempted job waits again
         while True:
             event = self.job.next_event(POLL_SECONDS)
             now = time.monotonic()
             if isinstance(event, Failed):
                 raise card_failure(event.error)
+            if isinstance(event, Requeued):
+                running = False
+                if self.record is not None:
+                    self.record.ttft = None  # the text of the interrupted run was never the client's
+            if isinstance(event, Started):
+                self._started()
+                running, started = True, now  # the wall-clock limit counts this run
             if isinstance(event, Done) and event.result.finish_reason == "cancelled":
                 if not self.timed_out:  # we did not cancel it: the service is stopping
                     raise APIError(503, "The service is shutting down; retry shortly.",
@@ -153,7 +170,7 @@ class CardRun:
                 if self.client_gone():
                     self.job.cancel()
                     raise ClientGone()
-            if not self.timed_out and now - started > self.wall_timeout:
+            if running and not self.timed_out and now - started > self.wall_timeout:
                 self.timed_out = True
                 self.job.cancel()
             if now - last_event >= self.heartbeat:

@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import subprocess
@@ -129,10 +130,10 @@ class Baseline:
 class Service:
     """gunicorn with scripts/gunicorn.conf.py and the emulated runner, as scripts/serve runs it."""
 
-    def __init__(self, workdir, token_ms, trace=None):
+    def __init__(self, workdir, token_ms, trace=None, **sections):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        settings = {"runner": {"binary": "emulator", "emulator": {"token_ms": token_ms, "trace": trace}}}
+        settings = {"runner": {"binary": "emulator", "emulator": {"token_ms": token_ms, "trace": trace}}, **sections}
         (self.workdir / "config.yaml").write_text(json.dumps(settings))
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -301,14 +302,143 @@ def startup(runs, tmp):
     return times
 
 
+# -- Open WebUI's pattern: a person and the background work their front end adds ---------------------------
+def task_prompt(kind, history, tokens):
+    """An Open WebUI-style task request: one user message starting "### Task:", about `tokens` long."""
+    text = f"### Task:\nGenerate the {kind} for this chat.\n<chat_history>\n"
+    text += "\n".join(f"{m['role'].upper()}: {m['content']}" for m in history[-6:]) + "\n</chat_history>\n"
+    return text + "Guidelines: be concise. " * max(0, (tokens - 40 - len(text) // 4) // 5)
+
+
+def openwebui_chat(service, tokenizer, turns, seed):
+    """One person's chat, as Open WebUI 0.12 drives it: the first message goes with a title request (which
+    reaches the card first), and after each reply come a follow-ups request and (after the first) a tags
+    request, one after the other, while the person types the next message 1-2 s after the reply.
+
+    Returns (the person's time to first token beyond their own prompt's cost, per turn; the background
+    requests' outcomes). The emulated runner quotes the whole prompt back, so each task request caps its
+    output (title 15 tokens, follow-ups 60, tags 20) as the model's short answers would."""
+    rng = random.Random(seed)
+    history, extra, outcomes = [], [], []
+    card_s = CARD_MS / 1000
+
+    def background(kind, tokens, max_tokens, chat):
+        body = {"model": "qwen2.5", "stream": False, "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": task_prompt(kind, chat, tokens)}]}
+        with httpx.Client(timeout=900) as http:
+            response = http.post(service.url + "/v1/chat/completions", json=body)
+        outcomes.append((kind, response.status_code, response.status_code == 200 and
+                         response.json()["choices"][0]["message"]["content"].startswith("Emulated runner")))
+
+    tasks = []
+    for turn in range(turns):
+        question = f"Turn {turn + 1}: what should I read next about {rng.choice(['stars', 'rivers', 'bread'])}?"
+        if turn == 0:
+            first_message = [{"role": "user", "content": question}]
+            title = threading.Thread(target=background, args=("title", 270, 15, first_message))
+            title.start()
+            tasks.append(title)
+            wait_until(lambda: service_busy(service))  # as in 5 of 5 real chats: the title is first
+        messages = history + [{"role": "user", "content": question}]
+        prompt_tokens = len(tokenizer.chat_ids(messages))
+        with httpx.Client(timeout=900) as http:
+            ttft, _, text = service.stream(http, messages)
+        extra.append(ttft - prompt_tokens * card_s)
+        history = messages + [{"role": "assistant", "content": text}]
+
+        def after_reply(chat, size, first):
+            """Follow-ups, then tags (first turn only): one after the other, in the background."""
+            background("follow-ups", size, 60, chat)
+            if first:
+                background("tags", 300, 20, chat)
+        follow = threading.Thread(target=after_reply, args=(list(history), rng.randint(350, 560), turn == 0))
+        follow.start()
+        tasks.append(follow)
+        time.sleep(rng.uniform(1.0, 2.0))  # the person reads, then types the next message
+    for task in tasks:
+        task.join()
+    return extra, outcomes
+
+
+def service_busy(service):
+    for line in httpx.get(service.url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("qwen_chat_card_busy "):
+            return float(line.split()[1]) == 1
+    return False
+
+
+def wait_until(predicate, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit("bench: timed out")
+        time.sleep(0.01)
+
+
+def openwebui(tokenizer, tmp, turns=5):
+    """The same chat with scheduling on (the defaults) and off (no background rules, no preemption), on two
+    services side by side in one run."""
+    results = {}
+
+    def run(name, **sections):
+        with Service(tmp / f"service-openwebui-{name}", CARD_MS, **sections) as service:
+            results[name] = openwebui_chat(service, tokenizer, turns, seed=7)
+
+    threads = [threading.Thread(target=run, args=("on",)),
+               threading.Thread(target=run, args=("off",), kwargs={"scheduling": {"preempt": False, "background": []}})]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def long_chat(tokenizer, tmp, turns=30):
+    """A 30-turn chat at full speed: every turn answered, and the prompt kept within 1024 - reserve."""
+    errors, largest, dropped = 0, 0, 0
+    history = [{"role": "system", "content": "You are a patient assistant."}]
+    with Service(tmp / "service-long-chat", 0) as service, httpx.Client(timeout=600) as http:
+        for turn in range(turns):
+            history.append({"role": "user", "content": f"Question {turn}: " + "tell me more about it " * 8})
+            response = http.post(service.url + "/v1/chat/completions", json={"model": "qwen2.5", "messages": history})
+            if response.status_code != 200:
+                errors += 1
+                history.pop()
+                continue
+            largest = max(largest, response.json()["usage"]["prompt_tokens"])
+            dropped = max(dropped, int(response.headers.get("X-Context-Dropped-Messages", 0)))
+            history.append({"role": "assistant", "content": response.json()["choices"][0]["message"]["content"]})
+    return errors, largest, dropped, len(tokenizer.chat_ids(history))
+
+
+def fitting(tokenizer, rounds):
+    """The cost of fitting a 200-message conversation with 36 tool definitions, against one plain render."""
+    from app.window import Conversation, fit
+    tools = json.loads((PROJECT_DIR / "tests" / "fixtures" / "open_webui_tools.json").read_text())
+    messages = [{"role": "system", "content": "You are helpful."}]
+    for i in range(100):
+        messages += [{"role": "user", "content": f"Question {i}: " + "and more " * (i % 9)},
+                     {"role": "assistant", "content": f"Answer {i}: " + "indeed " * (i % 11)}]
+    messages[-1] = {"role": "user", "content": "The last question."}
+    fits, renders = [], []
+    for _ in range(rounds + 1):
+        started = time.perf_counter()
+        fitted = fit(Conversation(tokenizer, messages, tools), protocol.MAX_TOKEN_LEN, 256)
+        fits.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        whole = tokenizer.chat_ids(messages, tools)
+        renders.append(time.perf_counter() - started)
+    return fits[1:], renders[1:], len(whole), len(fitted.prompt_ids), len(messages)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds per comparison (alternating)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and one saturation run")
-    parser.add_argument("--only", choices=["latency", "throughput", "saturation", "memory", "startup"],
-                        action="append", help="run only these measurements (repeatable)")
+    measures = ["latency", "throughput", "saturation", "memory", "startup", "fitting", "long_chat", "openwebui"]
+    parser.add_argument("--only", choices=measures, action="append", help="run only these measurements (repeatable)")
     args = parser.parse_args()
-    wanted = set(args.only or ["latency", "throughput", "saturation", "memory", "startup"])
+    wanted = set(args.only or measures)
     rounds = 3 if args.quick else args.rounds
     settings = config.load({})
     from app.tokenizer.qwen import QwenTokenizer
@@ -328,6 +458,12 @@ def main():
             results["memory"] = memory(tokenizer_dir, tmp)
         if "startup" in wanted:
             results["startup"] = startup(rounds, tmp)
+        if "fitting" in wanted:
+            results["fitting"] = fitting(tokenizer, rounds)
+        if "long_chat" in wanted:
+            results["long_chat"] = long_chat(tokenizer, tmp)
+        if "openwebui" in wanted:
+            results["openwebui"] = openwebui(tokenizer, tmp)
 
     print(f"qwen-chat benchmark on {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
           f"; {rounds} alternating rounds; median (min-max)")
@@ -357,6 +493,22 @@ def main():
         print(f"{'worker RSS growth over 500 requests, MB':58} {after - idle:>22.1f} {'':>22} {'':>18}  <= 5")
     if "startup" in results:
         print(f"{'start-up to /health ok, emulator at 0 ms, s':58} {spread(results['startup'], '{:.2f}'):>22}")
+    if "fitting" in results:
+        fits, renders, whole, fitted, count = results["fitting"]
+        print(f"{f'fitting {count} messages + 36 tools ({whole} -> {fitted} tokens), ms':58} "
+              f"{spread([x * 1000 for x in fits]):>22} {spread([x * 1000 for x in renders]):>22} "
+              f"{f'{statistics.median(fits) / statistics.median(renders):.1f}x one render':>18}")
+    if "long_chat" in results:
+        errors, largest, dropped, whole = results["long_chat"]
+        print(f"{'30-turn chat: errors / largest prompt fed / history, tokens':58} "
+              f"{f'{errors} / {largest} / {whole}':>22} {'':>22} {f'{dropped} msgs left out':>18}  0, <= 768")
+    if "openwebui" in results:
+        for name in ("on", "off"):
+            extra, outcomes = results["openwebui"][name]
+            answered = sum(ok for _, _, ok in outcomes)
+            print(f"{f'Open WebUI, 5 turns, scheduling {name}: wait beyond own prompt, s':58} "
+                  f"{f'{statistics.median(extra):.2f} (worst {max(extra):.2f})':>22} "
+                  f"{f'{answered}/{len(outcomes)} tasks answered':>22} {'':>18}  <= 0.5 (on)")
 
 
 if __name__ == "__main__":

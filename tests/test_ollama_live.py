@@ -174,3 +174,11 @@ def test_disconnect_cancels_the_generation(start_server):
     server.wait_until_idle(timeout=3)
     response = ollama.Client(host=server.url).chat(model="qwen2.5", messages=[{"role": "user", "content": "next"}])
     assert response.message.content == said("next")
+
+
+def test_num_predict_zero_means_no_limit_as_with_ollama(client):
+    # Ollama reads num_predict 0 as "no limit" (its runner only stops at a positive count): the window decides,
+    # not generation.max_tokens (512).
+    answer = client.generate(model=MODEL, prompt="count to 600", options={"num_predict": 0})
+    assert answer.eval_count > 512 and answer.done_reason == "length"
+    assert client.generate(model=MODEL, prompt="count to 600", options={"num_predict": 5}).eval_count == 5

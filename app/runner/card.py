@@ -6,8 +6,12 @@ runner with capped exponential backoff when it fails, and keeps the state /healt
 owns the tokenizer service the runner calls back. A file lock under instance/ keeps a second process off
 the same card.
 
+People go before background work (titles, tags, follow-up suggestions...): the queue serves interactive
+jobs first, and a background generation whose client has seen no text yet is interrupted when a person's
+request arrives, then run again from the start.
+
 A job tells its requester what happens through typed events: Started, then Text pieces, then Done, or
-Failed at any point.
+Failed at any point; Requeued when it was preempted (Started comes again when it runs again).
 """
 import collections
 import fcntl
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 
 IDLE_CHECK_SECONDS = 1.0
 UNAVAILABLE_AFTER_CRASHES = 3
+INTERACTIVE, BACKGROUND = "interactive", "background"  # the two classes of requests
 
 
 def internal_error(exc):
@@ -55,6 +60,12 @@ class Done:
 
 
 @dataclass(frozen=True)
+class Requeued:
+    """The job was preempted by a person's request before its client saw any text: it waits again, at the head
+    of its class, and runs again from the start."""
+
+
+@dataclass(frozen=True)
 class Failed:
     """The job failed: a RunnerError, or CardUnavailable when it never ran."""
     error: Exception
@@ -74,6 +85,7 @@ class CardOptions:
     backoff_initial: float = 0.5
     backoff_max: float = 60.0
     max_queue: int | None = None
+    preempt: bool = True
 
     @classmethod
     def from_settings(cls, settings, instance_path):
@@ -83,18 +95,22 @@ class CardOptions:
                    sampling=settings["sampling"], emulator=runner["emulator"],
                    startup_timeout=runner["startup_timeout"], stall_timeout=runner["stall_timeout"],
                    backoff_initial=runner["backoff_initial"], backoff_max=runner["backoff_max"],
-                   max_queue=settings["server"]["max_queue"])
+                   max_queue=settings["server"]["max_queue"], preempt=settings["scheduling"]["preempt"])
 
 
 class Job:
     """One generation request: the card thread feeds its events, the request thread reads them."""
 
-    def __init__(self, prompt_ids, max_tokens=None, stop=()):
+    def __init__(self, prompt_ids, max_tokens=None, stop=(), klass=INTERACTIVE, streamed=False):
         self.prompt_ids = list(prompt_ids)
         self.max_tokens = max_tokens
         self.stop = list(stop or ())
+        self.klass = klass
+        self.streamed = streamed      # its text goes to the client as it comes (else all at the end)
         self.enqueued_at = time.monotonic()
-        self.started_at = None
+        self.started_at = None        # card thread: when its (latest) run started...
+        self.finished_at = None       # ...and ended, whatever the outcome
+        self.text_sent = False        # card thread: some text went to the requester in this run
         self._events = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._waiting_in = None  # the JobQueue holding it until the card takes it
@@ -103,8 +119,9 @@ class Job:
     def cancel(self):
         """Give up: a waiting job leaves the line at once; a running one is interrupted."""
         self._cancelled.set()
-        if self._waiting_in is not None:
-            self._waiting_in.remove(self)
+        waiting_in = self._waiting_in
+        if waiting_in is not None:
+            waiting_in.remove(self)
 
     @property
     def cancelled(self):
@@ -135,39 +152,66 @@ class Job:
 
 
 class JobQueue:
-    """First come, first served, and a job that gives up leaves the line at once (its place is free)."""
+    """Interactive jobs before background ones, first come first served within each class; a job that gives
+    up leaves the line at once (its place is free)."""
 
     def __init__(self):
-        self._jobs = collections.deque()
+        self._lines = {INTERACTIVE: collections.deque(), BACKGROUND: collections.deque()}
         self._changed = threading.Condition()
         self.closed = False
 
     def __len__(self):
-        return len(self._jobs)
+        return len(self._lines[INTERACTIVE]) + len(self._lines[BACKGROUND])
+
+    def depth(self, klass):
+        return len(self._lines[klass])
 
     def put(self, job, limit=None):
+        """Queue a job. When `limit` jobs already wait, an interactive job takes the place of the newest
+        background one (returned, for its requester to be told), and anything else raises QueueFull: a
+        person is never turned away for background work."""
         with self._changed:
-            if limit is not None and len(self._jobs) >= limit:
-                return False
+            evicted = None
+            if limit is not None and len(self) >= limit:
+                if job.klass == BACKGROUND or not self._lines[BACKGROUND]:
+                    raise QueueFull(f"{len(self)} requests are already waiting for the card", 5)
+                evicted = self._lines[BACKGROUND].pop()
+                evicted._waiting_in = None
             job._waiting_in = self
-            self._jobs.append(job)
+            self._lines[job.klass].append(job)
             self._changed.notify()
-            return True
+            return evicted
+
+    def requeue(self, job):
+        """Put a preempted job back at the head of its class: it keeps its place."""
+        with self._changed:
+            job._waiting_in = self
+            self._lines[job.klass].appendleft(job)
+            self._changed.notify()
 
     def get(self, timeout):
         """The next job, or None after `timeout` seconds or once closed."""
         with self._changed:
-            self._changed.wait_for(lambda: self._jobs or self.closed, timeout)
-            if not self._jobs or self.closed:
+            self._changed.wait_for(lambda: len(self) or self.closed, timeout)
+            if not len(self) or self.closed:
                 return None
-            job = self._jobs.popleft()
+            line = self._lines[INTERACTIVE] or self._lines[BACKGROUND]
+            job = line.popleft()
             job._waiting_in = None
             return job
+
+    def position(self, job):
+        """How many jobs the card will take before this one (0: it is next); None once it is not waiting."""
+        with self._changed:
+            interactive, background = self._lines[INTERACTIVE], self._lines[BACKGROUND]
+            if job.klass == INTERACTIVE:
+                return interactive.index(job) if job in interactive else None
+            return len(interactive) + background.index(job) if job in background else None
 
     def remove(self, job):
         with self._changed:
             try:
-                self._jobs.remove(job)
+                self._lines[job.klass].remove(job)
             except ValueError:
                 pass  # the card took it first
             job._waiting_in = None
@@ -176,16 +220,18 @@ class JobQueue:
         """Stop handing out jobs; returns the ones still waiting."""
         with self._changed:
             self.closed = True
-            jobs = list(self._jobs)
-            self._jobs.clear()
-            self._changed.notify_all()
-            return jobs
+            return self._take_all()
 
     def drain(self):
         with self._changed:
-            jobs = list(self._jobs)
-            self._jobs.clear()
-            return jobs
+            return self._take_all()
+
+    def _take_all(self):
+        jobs = [*self._lines[INTERACTIVE], *self._lines[BACKGROUND]]
+        for line in self._lines.values():
+            line.clear()
+        self._changed.notify_all()
+        return jobs
 
 
 class Card:
@@ -211,6 +257,7 @@ class Card:
         self._started_once = False
         self.failures = 0             # consecutive failures (start-up or mid-generation)
         self.busy = False
+        self.preemptions = 0          # background generations interrupted for a person
         self.retry_at = None
 
     # -- public ---------------------------------------------------------------------------------------
@@ -238,6 +285,13 @@ class Card:
     def queue_depth(self):
         return len(self._queue)
 
+    def queue_depths(self):
+        return {klass: self._queue.depth(klass) for klass in (INTERACTIVE, BACKGROUND)}
+
+    def position(self, job):
+        """How many jobs the card takes before `job` (0: next); None once it is not waiting."""
+        return self._queue.position(job)
+
     def start(self):
         self.service.start()
         self._thread = threading.Thread(target=self._run, name="card", daemon=True)
@@ -252,15 +306,16 @@ class Card:
             self._thread.join(timeout)
         self.service.stop()
 
-    def submit(self, prompt_ids, max_tokens=None, stop=()):
-        """Queue a generation; raises CardUnavailable at once when the card cannot take it."""
+    def submit(self, prompt_ids, max_tokens=None, stop=(), klass=INTERACTIVE, streamed=False):
+        """Queue a generation; raises CardUnavailable (QueueFull) at once when the card cannot take it."""
         if self._stopping.is_set() or self.state == "stopped":
             raise CardUnavailable("the service is shutting down")
         if self.state == "unavailable":
             raise CardUnavailable(self.reason or "the card is unavailable", self._retry_after())
-        job = Job(prompt_ids, max_tokens, stop)
-        if not self._queue.put(job, self.options.max_queue):
-            raise QueueFull(f"{len(self._queue)} requests are already waiting for the card", 5)
+        job = Job(prompt_ids, max_tokens, stop, klass, streamed)
+        evicted = self._queue.put(job, self.options.max_queue)
+        if evicted is not None:
+            evicted._put(Failed(QueueFull("a person's request took the place of this background request", 5)))
         return job
 
     def wait_ready(self, timeout):
@@ -330,12 +385,28 @@ class Card:
 
     def _serve(self, job):
         job.started_at = time.monotonic()
+        job.text_sent = False
         job._put(Started())
         self.busy = True
+        preempted = False
+
+        def on_text(text):
+            job.text_sent = True
+            job._put(Text(text))
+
+        def should_stop():
+            nonlocal preempted
+            if job.cancelled or self._stopping.is_set():
+                return True
+            # A person waits, and this background job's client has seen nothing yet: it can run again later.
+            if (self.options.preempt and job.klass == BACKGROUND and not (job.streamed and job.text_sent)
+                    and self._queue.depth(INTERACTIVE)):
+                preempted = True
+            return preempted
+
         try:
             result = self.runner.generate(job.prompt_ids, max_tokens=job.max_tokens, stop=job.stop,
-                                          on_text=lambda text: job._put(Text(text)),
-                                          cancelled=lambda: job.cancelled or self._stopping.is_set())
+                                          on_text=on_text, cancelled=should_stop)
         except RunnerError as exc:
             job._put(Failed(exc))
             self._drop_runner()
@@ -348,8 +419,15 @@ class Card:
             self._failed(error, unavailable=False)
         else:
             self.failures = 0
-            job._put(Done(result))
+            if preempted and result.finish_reason == "cancelled" and not job.cancelled:
+                self.preemptions += 1
+                log.info("a background generation gave way to a person's request; it will run again")
+                job._put(Requeued())
+                self._queue.requeue(job)
+            else:
+                job._put(Done(result))
         finally:
+            job.finished_at = time.monotonic()
             self.busy = False
 
     def _check_idle(self):

@@ -1,0 +1,186 @@
+"""Fit a conversation to the card's 1024-token window, spending it on what the person asked.
+
+When the rendered prompt would not leave `reserve` tokens for the answer, the oldest turns go first, as
+whole exchanges (a user turn with every assistant, tool-call and tool-result message after it: a tool result
+never loses its call), always keeping the system messages and the last user turn with whatever follows it.
+If that is not enough, the tool definitions go (all of them; a tool named by tool_choice stays). Only when
+the system messages and the last turn alone cannot fit the window is it an error, and the error says what
+takes the space.
+
+Counting is cheap: each message group is rendered by the chat template and tokenized once. The template
+puts every group between special tokens (`<|im_start|>` ... `<|im_end|>\\n`), and text is tokenized
+separately on each side of a special token, so the prompt's length is exactly the sum of its groups' lengths;
+the kept prompt is then rendered and tokenized once more, as a whole.
+"""
+import functools
+from dataclasses import dataclass
+
+from app.errors import APIError
+from app.tokenizer.qwen import DEFAULT_SYSTEM_PROMPT
+
+GENERATION_PROMPT_TOKENS = 3   # <|im_start|> assistant \n
+EMPTY_SYSTEM = {"role": "system", "content": ""}
+
+
+@dataclass
+class Fit:
+    """The prompt the card will be fed, and what was left out to make it fit."""
+    prompt_ids: list
+    dropped_messages: int = 0
+    dropped_tools: int = 0
+
+    @property
+    def truncated(self):
+        return bool(self.dropped_messages or self.dropped_tools)
+
+
+@dataclass
+class _Group:
+    messages: list
+    tokens: int
+    droppable: bool
+
+
+class Conversation:
+    """A conversation as the chat template renders it, split into groups that can be counted and dropped."""
+
+    def __init__(self, tokenizer, messages, tools=None, keep_tool=None, instruction=None):
+        self.tokenizer = tokenizer
+        self.messages = list(messages)
+        self.tools = list(tools or [])
+        self.keep_tool = keep_tool          # the tool named by tool_choice: it stays when tools must go
+        self.instruction = instruction      # tool_choice's instruction, a final system turn while tools stay
+        first_is_system = bool(self.messages) and self.messages[0]["role"] == "system"
+        self.head = self.messages[0] if first_is_system else {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
+        self.head_given = first_is_system
+        self._rest = self.messages[1:] if first_is_system else self.messages
+
+    @functools.cached_property
+    def groups(self):
+        """Counted only when the whole conversation does not fit: most requests never need it."""
+        return self._groups(self._rest)
+
+    # -- the whole prompt ------------------------------------------------------------------------------
+    def render_ids(self, groups=None, tools=None):
+        messages = ([self.head] if self.head_given else [])
+        for group in self.groups if groups is None else groups:
+            messages += group.messages
+        tools = self.tools if tools is None else tools
+        if self.instruction and tools:
+            messages = messages + [{"role": "system", "content": self.instruction}]
+        return self.tokenizer.chat_ids(messages, tools or None)
+
+    # -- counting ----------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _empty_head(self):
+        return self.tokenizer.render_chat([EMPTY_SYSTEM], add_generation_prompt=False)
+
+    def _count(self, messages):
+        """Tokens of a group of messages as they render inside a conversation (after its system turn)."""
+        text = self.tokenizer.render_chat([EMPTY_SYSTEM, *messages], add_generation_prompt=False)
+        return len(self.tokenizer.encode(text[len(self._empty_head):]))
+
+    def head_tokens(self, tools):
+        tokens = len(self.tokenizer.encode(self.tokenizer.render_chat([self.head], tools or None,
+                                                                      add_generation_prompt=False)))
+        if self.instruction and tools:
+            tokens += self._count([{"role": "system", "content": self.instruction}])
+        return tokens
+
+    def _groups(self, messages):
+        """Later system messages each on their own (kept), then exchanges: each user turn with the messages
+        after it, the oldest droppable, the last one kept with whatever follows it."""
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last_user is None:  # no user turn at all: nothing can be dropped
+            return [_Group(list(messages), self._count(messages), droppable=False)] if messages else []
+        groups, current = [], []
+
+        def close(droppable):
+            if current:
+                groups.append(_Group(list(current), self._count(current), droppable))
+                current.clear()
+
+        for i, message in enumerate(messages):
+            if i == last_user:
+                close(droppable=True)
+                current.extend(messages[i:])
+                close(droppable=False)
+                break
+            if message["role"] == "system":
+                close(droppable=True)
+                groups.append(_Group([message], self._count([message]), droppable=False))
+            elif message["role"] == "user":
+                close(droppable=True)
+                current.append(message)
+            else:
+                current.append(message)
+        return groups
+
+
+def fit(conversation, window, reserve, overflow="truncate"):
+    """The prompt to feed the card: the whole conversation when it leaves `reserve` tokens of `window` for the
+    answer, else (overflow "truncate") the oldest exchanges and then the tool definitions left out. Raises a
+    400 context_length_exceeded when even the system messages and the last turn cannot fit `window`."""
+    ids = conversation.render_ids()
+    if len(ids) + reserve <= window or (overflow == "error" and len(ids) <= window):
+        return Fit(ids)
+    groups = conversation.groups
+    kept = [g for g in groups if not g.droppable]
+    droppable = [g for g in groups if g.droppable]
+    tools = conversation.tools
+    fixed = conversation.head_tokens(tools) + sum(g.tokens for g in kept) + GENERATION_PROMPT_TOKENS
+    if overflow == "error":
+        raise too_long(conversation, len(ids), window, ", and nothing is left out (context.overflow is error)")
+    if fixed + reserve > window and tools:
+        # Even without any earlier turn the tools leave no room: they go, and as much history as fits stays.
+        tools = [t for t in tools if _tool_name(t) == conversation.keep_tool]
+        fixed = conversation.head_tokens(tools) + sum(g.tokens for g in kept) + GENERATION_PROMPT_TOKENS
+    if fixed > window:
+        raise too_long(conversation, len(ids), window,
+                       ", which cannot fit even with earlier turns and tool definitions left out")
+    room = window - reserve - fixed
+    # Keep the newest exchanges that fit; drop the oldest.
+    dropped = len(droppable)
+    for group in reversed(droppable):
+        if group.tokens > room:
+            break
+        room -= group.tokens
+        dropped -= 1
+    dropped_ids = {id(g) for g in droppable[:dropped]}
+    chosen = [g for g in groups if id(g) not in dropped_ids]
+    ids = conversation.render_ids(chosen, tools)
+    if len(ids) > window:  # the counts are exact (tests hold them so); this only guards the card
+        raise too_long(conversation, len(ids), window, " after leaving out earlier turns")
+    return Fit(ids, dropped_messages=sum(len(g.messages) for g in droppable[:dropped]),
+               dropped_tools=len(conversation.tools) - len(tools))
+
+
+def _tool_name(tool):
+    function = tool.get("function") if isinstance(tool, dict) else None
+    return function.get("name") if isinstance(function, dict) else None
+
+
+def too_long(conversation, prompt_tokens, window, why):
+    """The 400 that says what takes the space."""
+    groups = conversation.groups
+    parts = [f"system {conversation.head_tokens([]):,} tokens"]
+    if conversation.tools:
+        tool_tokens = conversation.head_tokens(conversation.tools) - conversation.head_tokens([])
+        count = len(conversation.tools)
+        parts.append(f"{count} tool definition{'s' if count != 1 else ''} {tool_tokens:,} tokens")
+    other_system = [g for g in groups if not g.droppable and g.messages[0]["role"] == "system"]
+    if other_system:
+        parts.append(f"other system messages {sum(g.tokens for g in other_system):,} tokens")
+    earlier = [g for g in groups if g.droppable]
+    if earlier:
+        count = sum(len(g.messages) for g in earlier)
+        parts.append(f"{count} earlier message{'s' if count != 1 else ''} {sum(g.tokens for g in earlier):,} tokens")
+    last = [g for g in groups if not g.droppable and g.messages[0]["role"] != "system"]
+    if last:
+        count = len(last[0].messages)
+        name = "last message" if count == 1 else f"last turn ({count} messages)"
+        parts.append(f"{name} {last[0].tokens:,} tokens")
+    # OpenAI's wording first: clients (LangChain, LiteLLM) read the two numbers from it.
+    message = (f"This model's maximum context length is {window} tokens. However, your messages resulted in "
+               f"{prompt_tokens} tokens{why}: {', '.join(parts)}. Shorten the last message or the system prompt.")
+    return APIError(400, message, param="messages", code="context_length_exceeded")
