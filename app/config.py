@@ -98,6 +98,7 @@ class RunnerConfig(_Strict):
     stall_timeout = fields.Float(load_default=30.0, validate=validate.Range(min=0, min_inclusive=False))
     backoff_initial = fields.Float(load_default=0.5, validate=validate.Range(min=0))
     backoff_max = fields.Float(load_default=60.0, validate=validate.Range(min=0))
+    idle_probe_seconds = fields.Float(load_default=30.0, validate=validate.Range(min=0))
     emulator = fields.Nested(EmulatorConfig)
 
 

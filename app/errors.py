@@ -7,6 +7,7 @@ from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from app.schemas import field_problems
+from app.text import printable, traceback_without_message
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def register_error_handlers(app):
 
     @app.errorhandler(Exception)
     def unexpected(error):
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.error("unhandled error on %s %s\n%s", printable(request.method), printable(request.path),
+                  traceback_without_message(error))
         return error_response(APIError(500, "The server had an error while processing your request.",
                                        code="internal_error"))

@@ -8,6 +8,7 @@ from jinja2 import TemplateError
 from app.errors import APIError
 from app.requestlog import current_record
 from app.runner.protocol import MAX_TOKEN_LEN
+from app.text import printable
 from app.window import Conversation, fit
 
 MAX_IGNORED_LOGGED = 10  # field names per log line: a client can send thousands
@@ -34,7 +35,43 @@ def read_json(example):
                        code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    where = unpaired_surrogate(data)
+    if where is not None:
+        raise APIError(400, f"The request body holds an unpaired UTF-16 surrogate (a \\ud800-\\udfff escape "
+                       f"without its pair) at {where or 'the top level'}: that is not Unicode text.",
+                       param=where or None, code="invalid_json")
     return data
+
+
+def unpaired_surrogate(data):
+    """Where the first string (or key) holding a lone surrogate is, as a path; None when there is none. JSON's
+    \\u escapes allow lone surrogates, and nothing downstream can encode them. Iterative: bodies can nest
+    deeply."""
+    stack = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and not _unicode(value):
+            return path
+        if isinstance(value, dict):
+            for key, item in value.items():
+                child = printable(f"{path}.{key}" if path else str(key))
+                if not _unicode(key):
+                    return child
+                stack.append((child, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+    return None
+
+
+def _unicode(text):
+    """Whether a str is Unicode text (no lone surrogates)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def chat_prompt_ids(backend, messages, tools=None, keep_tool=None, instruction=None, max_tokens=None,

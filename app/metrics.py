@@ -14,6 +14,8 @@ disable_created_metrics()  # no *_created series: they double the output for not
 bp = Blueprint("metrics", __name__)
 
 CARD_STATES = ("starting", "loading", "ready", "unavailable", "stopped")
+# Label values come from a fixed set: a client's made-up method or status must not mint new series.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 NPU_STATUSES = ("available", "emulated", "unavailable")
 
 
@@ -47,7 +49,9 @@ class Metrics:
         self.registry.register(_CardCollector(backend))
 
     def observe(self, record):
-        self.requests.labels(record.endpoint, record.method, str(record.status)).inc()
+        method = record.method if record.method in METHODS else "other"
+        status = str(record.status) if isinstance(record.status, int) and 100 <= record.status <= 599 else "other"
+        self.requests.labels(record.endpoint, method, status).inc()
         if record.prompt_tokens is not None and record.completion_tokens is not None:
             self.prompt_tokens.labels(record.endpoint).inc(record.prompt_tokens)
             self.completion_tokens.labels(record.endpoint).inc(record.completion_tokens)

@@ -41,7 +41,8 @@ class RequestRecord:
     def line(self):
         def seconds(value):
             return "-" if value is None else f"{value:.3f}s"
-        fields = [f"id={self.id}", f"{self.method} {self.path}", f"status={self.status}",
+        # The method and path are the client's: escaped, so that they cannot end the line or forge another.
+        fields = [f"id={self.id}", f"{printable(self.method)} {printable(self.path)}", f"status={self.status}",
                   f"prompt_tokens={'-' if self.prompt_tokens is None else self.prompt_tokens}",
                   f"completion_tokens={'-' if self.completion_tokens is None else self.completion_tokens}",
                   f"queue_wait={seconds(self.queue_wait)}", f"ttft={seconds(self.ttft)}",

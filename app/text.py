@@ -1,4 +1,6 @@
-"""Small text helpers shared by the driver (stop strings) and the tool-call parser (markup)."""
+"""Small text helpers: held-back markers (the driver's stop strings, the tool-call parser's markup), and what
+may go into a log line."""
+import traceback
 
 
 def marker_prefix_at_end(text, markers):
@@ -22,3 +24,10 @@ def printable(text):
     if text.isprintable():
         return text
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def traceback_without_message(exc):
+    """A traceback for the log with the exception's type but not its message: a message can quote a prompt
+    or an answer, and logs carry no one's text (README, "Security model")."""
+    frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+    return f"Traceback (most recent call last):\n{frames}{type(exc).__qualname__} (message withheld)"

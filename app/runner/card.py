@@ -25,13 +25,16 @@ from pathlib import Path
 
 from app.runner.command import check_installation, choose_program, prepare_workdir, runner_env
 from app.runner.driver import GenerationResult, Runner
-from app.runner.errors import CardBusy, CardDead, CardUnavailable, QueueFull, RunnerError
+from app.runner.errors import CardBusy, CardDead, CardUnavailable, QueueFull, RunnerError, RunnerStalled
 from app.runner.tokenizer_service import TokenizerService
 from app.runner import protocol
+from app.text import traceback_without_message
 
 log = logging.getLogger(__name__)
 
 IDLE_CHECK_SECONDS = 1.0
+CARD_SECONDS_PER_TOKEN = 1 / 14  # the LLM-8850's pace on a Raspberry Pi 5, prompt and output alike
+PROBE_TIMEOUT_SECONDS = 5.0  # an idle runner prints its prompt within milliseconds of an empty line
 UNAVAILABLE_AFTER_CRASHES = 3
 INTERACTIVE, BACKGROUND = "interactive", "background"  # the two classes of requests
 
@@ -86,6 +89,7 @@ class CardOptions:
     backoff_max: float = 60.0
     max_queue: int | None = None
     preempt: bool = True
+    idle_probe_seconds: float = 30.0   # 0: never probe an idle runner
 
     @classmethod
     def from_settings(cls, settings, instance_path):
@@ -95,7 +99,33 @@ class CardOptions:
                    sampling=settings["sampling"], emulator=runner["emulator"],
                    startup_timeout=runner["startup_timeout"], stall_timeout=runner["stall_timeout"],
                    backoff_initial=runner["backoff_initial"], backoff_max=runner["backoff_max"],
-                   max_queue=settings["server"]["max_queue"], preempt=settings["scheduling"]["preempt"])
+                   idle_probe_seconds=runner["idle_probe_seconds"], max_queue=settings["server"]["max_queue"],
+                   preempt=settings["scheduling"]["preempt"])
+
+
+class PromptPace:
+    """Seconds the card takes per prompt token, measured: each generation's time to its first text over its
+    prompt (plus the two steps before the first chunk prints), smoothed; the runner's own "avg ... token/s"
+    notice when a generation ended before any text. Until the first measurement, `prior`."""
+    WEIGHT = 0.3      # of the newest measurement
+    MIN_TOKENS = 8    # shorter prompts say more about overheads than about the pace
+
+    def __init__(self, prior):
+        self.seconds_per_token = prior
+        self._measured = False
+
+    def observe(self, result):
+        if result.completion_tokens and result.prompt_tokens >= self.MIN_TOKENS:
+            measured = result.prompt_seconds / (result.prompt_tokens + 2)
+        elif result.runner_tokens_per_second:
+            measured = 1.0 / result.runner_tokens_per_second
+        else:
+            return
+        if measured <= 0:
+            return
+        weight = self.WEIGHT if self._measured else 1.0
+        self.seconds_per_token += weight * (measured - self.seconds_per_token)
+        self._measured = True
 
 
 class Job:
@@ -242,6 +272,8 @@ class Card:
         self.options = options
         self.service = TokenizerService(tokenizer)
         self.program = choose_program(options.binary, options.model_dir)
+        prior = options.emulator.get("token_ms", 70) / 1000 if self.program.emulated else CARD_SECONDS_PER_TOKEN
+        self._pace = PromptPace(prior or 0.001)
 
         self._queue = JobQueue()
         self._stopping = threading.Event()
@@ -258,6 +290,7 @@ class Card:
         self.failures = 0             # consecutive failures (start-up or mid-generation)
         self.busy = False
         self.preemptions = 0          # background generations interrupted for a person
+        self._last_active = time.monotonic()  # the runner last answered (a generation or a probe)
         self.retry_at = None
 
     # -- public ---------------------------------------------------------------------------------------
@@ -291,6 +324,10 @@ class Card:
     def position(self, job):
         """How many jobs the card takes before `job` (0: next); None once it is not waiting."""
         return self._queue.position(job)
+
+    def seconds_per_prompt_token(self):
+        """The card's measured pace reading a prompt (the runner prints nothing meanwhile)."""
+        return self._pace.seconds_per_token
 
     def start(self):
         self.service.start()
@@ -331,7 +368,7 @@ class Card:
                 try:
                     self._step()
                 except Exception as exc:  # a bug of ours must not end the only thread that drives the card
-                    log.exception("card thread")
+                    log.error("card thread: %s", traceback_without_message(exc))
                     self._drop_runner()
                     self._failed(internal_error(exc), unavailable=False)
                     self._fail_waiting_jobs()
@@ -351,6 +388,7 @@ class Card:
                 self._check_idle()
         elif not job.cancelled:
             self._serve(job)
+            self._last_active = time.monotonic()
 
     def _start_runner(self):
         if self.state != "unavailable":  # while it retries, a failed card answers 503 at once
@@ -372,6 +410,7 @@ class Card:
             self._failed(exc, unavailable=True)
             return False
         log.info("runner ready (pid %s, %s)", self.runner.pid, self.program.description)
+        self._last_active = time.monotonic()
         if self._started_once:
             self.restarts += 1
         self._started_once = True
@@ -409,16 +448,17 @@ class Card:
                                           on_text=on_text, cancelled=should_stop)
         except RunnerError as exc:
             job._put(Failed(exc))
-            self._drop_runner()
+            self._drop_runner(force=isinstance(exc, RunnerStalled))
             self._failed(exc, unavailable=isinstance(exc, CardDead))
         except Exception as exc:  # a bug of ours: the runner's state is unknown, so restart it
-            log.exception("generation failed")
+            log.error("generation failed: %s", traceback_without_message(exc))
             error = internal_error(exc)
             job._put(Failed(error))
             self._drop_runner()
             self._failed(error, unavailable=False)
         else:
             self.failures = 0
+            self._pace.observe(result)
             if preempted and result.finish_reason == "cancelled" and not job.cancelled:
                 self.preemptions += 1
                 log.info("a background generation gave way to a person's request; it will run again")
@@ -431,10 +471,17 @@ class Card:
             self.busy = False
 
     def _check_idle(self):
+        """Between jobs: a runner that died or reported the card dead is restarted; one that no longer answers
+        at its prompt (runner.idle_probe_seconds) is killed and restarted before a person needs it."""
+        interval = self.options.idle_probe_seconds
         try:
-            self.runner.check_idle()
+            if interval and time.monotonic() - self._last_active >= interval:
+                self.runner.probe(PROBE_TIMEOUT_SECONDS)
+                self._last_active = time.monotonic()
+            else:
+                self.runner.check_idle()
         except RunnerError as exc:
-            self._drop_runner()
+            self._drop_runner(force=isinstance(exc, RunnerStalled))
             self._failed(exc, unavailable=isinstance(exc, CardDead))
 
     def _failed(self, exc, unavailable):
@@ -448,9 +495,9 @@ class Card:
             self.state = "loading"  # restarting
         log.error("%s (failure %d in a row; next start in %.1f s)", exc, self.failures, delay)
 
-    def _drop_runner(self):
+    def _drop_runner(self, force=False):
         if self.runner is not None:
-            self.runner.close()
+            self.runner.close(force=force)
             self.runner = None
 
     def _retry_after(self):

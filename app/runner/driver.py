@@ -480,16 +480,51 @@ class Runner:
             self.usable = False
             raise
 
-    def close(self):
-        """`q`, then SIGTERM and SIGKILL to the runner's process group; always reaps it."""
+    def probe(self, timeout):
+        """Between generations: an empty line makes the runner print its prompt again. A runner that does not
+        within `timeout` seconds is hung (stopped, or stuck in the card's driver): RunnerStalled, before a
+        person's request finds out."""
+        self.check_idle()
+        try:
+            self.child.send(b"\n")
+        except OSError as exc:
+            self.usable = False
+            raise RunnerDied(f"the runner's terminal is gone: {exc}") from None
+        deadline = time.monotonic() + timeout
+        seen = bytearray()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.usable = False
+                raise RunnerStalled(f"the runner did not answer at its prompt within {timeout:g} s while idle")
+            try:
+                seen += self._read(min(remaining, POLL_SECONDS))
+            except pexpect.EOF:
+                self.usable = False
+                raise RunnerDied(f"the runner exited while idle ({self._exit_status()})") from None
+            at = seen.find(protocol.PROMPT)
+            if at >= 0:
+                # The prompt answers the probe; anything else (a log line, say) is kept for the next generation.
+                self._leftover += seen[:at] + seen[at + len(protocol.PROMPT):]
+                try:
+                    raise_if_dead(self._leftover)
+                except CardDead:
+                    self.usable = False
+                    raise
+                return
+
+    def close(self, force=False):
+        """`q`, then SIGTERM and SIGKILL to the runner's process group; always reaps it. `force`: SIGKILL at
+        once (a hung runner answers neither `q` nor SIGTERM, and each would cost a grace period)."""
         self.usable = False
         child = self.child
         if child.isalive():
-            try:
-                child.send(b"q\n")
-            except OSError:
-                pass
-            for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if not force:
+                try:
+                    child.send(b"q\n")
+                except OSError:
+                    pass
+            for sig in (signal.SIGKILL,) if force else (None, signal.SIGTERM, signal.SIGKILL):
                 if sig is not None:
                     try:
                         os.killpg(child.pid, sig)

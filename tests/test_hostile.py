@@ -1,0 +1,101 @@
+"""Hostile by default: errors, /health, metrics and logs carry counts, never anyone's text; client-controlled
+strings cannot forge log lines or mint metric series; broken Unicode is a 400; a runner that hangs while idle
+is noticed and replaced before a person needs it. Real gunicorn, real emulated runner."""
+import json
+import logging
+import os
+import signal
+
+import httpx
+import pytest
+
+from helpers import MODEL, alive, answer_to, chat, wait_for
+
+PRIVATE = "PRIVATE-5n7q9 count to 20"
+
+
+def test_a_stalled_runner_leaks_no_ones_text(start_server, tmp_path):
+    fault = tmp_path / "fault"
+    fault.write_text("hang:6")
+    server = start_server(runner={"emulator": {"fault_file": str(fault)}, "stall_timeout": 1,
+                                  "backoff_initial": 0.1, "backoff_max": 0.2})
+    seen = []
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": PRIVATE}]}
+    for _ in range(3):  # three stalls in a row: the card is declared unavailable, with a reason
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json=body) as response:
+            seen.append(response.read().decode())
+        assert '"code":"stalled"' in seen[-1], seen[-1]
+        wait_for(lambda: server.health()[1]["details"]["model"] != "loading" or
+                 server.health()[1]["details"]["npu"] == "unavailable", what="a settled card")
+    wait_for(lambda: server.health()[1]["details"]["npu"] == "unavailable", what="unavailable")
+    bystander = chat(server, "someone else")
+    assert bystander.status_code == 503
+    seen += [json.dumps(server.health()[1]), bystander.text, server.log()]
+    answer = answer_to(PRIVATE)
+    for text in seen:
+        assert "PRIVATE-5n7q9" not in text
+        assert answer[:40] not in text and "You said" not in text
+    assert "unaccounted output" in seen[0]  # the error still says what happened, in counts
+
+
+def test_log_lines_cannot_be_forged(client, caplog):
+    caplog.set_level(logging.INFO)
+    forged = "2026-01-01 00:00:00,000 INFO qwen_chat.requests: id=FORGED GET / status=200"
+    with client.get("/v1/models/x%0a" + forged.replace(" ", "%20")) as response:
+        assert response.status_code == 404  # the log line is written when the response closes
+    client.open("/v1/models%0d%0aINJECTED", method="GET").close()
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages and not any("\n" in m or "\r" in m for m in messages if "FORGED" in m or "INJECTED" in m)
+    line = next(m for m in messages if "FORGED" in m)
+    assert "x\\n2026-01-01" in line  # escaped, on the request's own line
+
+
+def test_made_up_methods_and_statuses_mint_no_series(client):
+    def series():
+        return [row for row in client.get("/metrics").get_data(as_text=True).splitlines()
+                if row.startswith("qwen_chat_requests_total{")]
+    before = len(series())
+    for i in range(40):
+        client.open("/v1/models", method=f"M{i}XYZ").close()
+        client.open(f"/made/up/{i}", method="GET").close()
+    after = series()
+    assert len(after) <= before + 3  # at most: other-method 405s, unmatched 404s, and one more status
+    assert any('method="other"' in row for row in after)
+    assert not any("XYZ" in row or "/made/up" in row for row in after)
+
+
+SURROGATE = "a\\ud800b"  # a JSON escape for a lone surrogate
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", '{"model": "qwen2.5", "prompt": "%s"}' % SURROGATE),
+    ("/v1/chat/completions", '{"model": "%s", "messages": [{"role": "user", "content": "x"}]}' % SURROGATE),
+    ("/v1/chat/completions", '{"model": "qwen2.5", "messages": [{"role": "user", "content": "%s"}]}' % SURROGATE),
+    ("/api/generate", '{"model": "qwen2.5", "prompt": "%s", "raw": true, "stream": false}' % SURROGATE),
+    ("/api/chat", '{"model": "%s", "messages": [{"role": "user", "content": "x"}]}' % SURROGATE),
+    ("/api/show", '{"model": "%s"}' % SURROGATE),
+    ("/v1/chat/completions", '{"model": "qwen2.5", "messages": [{"role": "user", "content": "x"}], "%s": 1}'
+     % SURROGATE),
+])
+def test_lone_surrogates_are_a_clear_400(client, path, body):
+    response = client.post(path, data=body.encode(), content_type="application/json")
+    assert response.status_code == 400, response.data
+    error = response.get_json()["error"]
+    message = error if path.startswith("/api/") else error["message"]
+    assert "surrogate" in message
+
+
+def test_broken_percent_escapes_in_a_path_are_a_404(client):
+    assert client.get("/v1/models/x%ED%A0%80").status_code == 404
+    assert chat(client, "ok").status_code == 200
+
+
+def test_a_runner_that_hangs_while_idle_is_replaced_before_anyone_waits(start_server):
+    server = start_server(runner={"idle_probe_seconds": 0.3, "backoff_initial": 0.1})
+    (runner,) = server.runner_pids()
+    os.kill(runner, signal.SIGSTOP)  # hung at its prompt: it prints nothing, as a wedged card driver would
+    wait_for(lambda: server.health()[0] == 503, timeout=20, what="/health to notice")
+    assert "did not answer at its prompt" in server.health()[1]["details"]["last_error"]
+    wait_for(lambda: server.health()[0] == 200, timeout=20, what="a new runner")
+    assert not alive(runner) and server.runner_pids() != [runner]
+    assert chat(server, "after the hang").json()["choices"][0]["message"]["content"] == answer_to("after the hang")
