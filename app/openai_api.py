@@ -9,6 +9,7 @@ from app.backend import current_backend
 from app.errors import APIError
 from app.inputs import chat_prompt_ids, check_raw_prompt, read_body
 from app.requestlog import note_prompt
+from app.runner.protocol import MAX_TOKEN_LEN
 from app.schemas import CHAT_COMPLETION_REQUEST, COMPLETION_REQUEST
 from app.serving import Answer, CardRun, compact_json, serve
 from app.tools import collect, output_parser, required_instruction, template_tool_calls, tool_names
@@ -113,14 +114,21 @@ def chat_completions():
     prompt_ids = chat_prompt_ids(backend, messages, tools, named, instruction, max_tokens)
     klass = backend.request_class(request.headers, messages, body["model"])
     run = CardRun.for_request(prompt_ids, max_tokens, body["stop"], klass, body["stream"])
-    answer = ChatAnswer(backend.model_name, names, choice, include_usage(body))
-    return serve(run, answer, body["stream"])
+    answer = ChatAnswer(backend.model_name, names, choice, include_usage(body), body["return_progress"])
+    return serve(run, answer, body["stream"], progress=body["return_progress"])
 
 
 class OpenAIAnswer(Answer):
-    """What OpenAI's chat and completion answers share: SSE framing, heartbeats, errors, [DONE]."""
+    """What OpenAI's chat and completion answers share: SSE framing, heartbeats, errors, [DONE], and the
+    progress chunks of a stream that asked for them (return_progress): an empty chunk (see empty_chunk())
+    with `queue` while the request waits, or llama.cpp's `prompt_progress` while the card reads the prompt,
+    and `timings` on the last chunk."""
     mimetype = "text/event-stream"
     headers = SSE_HEADERS
+    with_progress = False
+
+    def empty_chunk(self):
+        raise NotImplementedError
 
     def heartbeat(self):
         return HEARTBEAT
@@ -128,19 +136,43 @@ class OpenAIAnswer(Answer):
     def error(self, error):
         return sse(error.openai_body()) + DONE
 
+    def queued(self, event):
+        body = self.empty_chunk()
+        body["queue"] = {"position": event.position, "request_class": event.request_class,
+                         "waiting": event.waiting}
+        return sse(body)
+
+    def progress(self, event):
+        body = self.empty_chunk()
+        body["prompt_progress"] = {
+            "total": event.total, "cache": 0, "processed": event.processed, "time_ms": round(event.elapsed * 1000),
+            # Ours: the runner prints nothing while it reads, so until the first text these are estimates.
+            "estimated": event.estimated, "remaining_ms": round(event.remaining * 1000), "window": MAX_TOKEN_LEN}
+        return sse(body)
+
+    def timings(self, result):
+        """llama.cpp's timings, for the last chunk of a stream that asked for progress."""
+        prompt_ms, predicted_ms = result.prompt_seconds * 1000, result.generation_seconds * 1000
+        return {"prompt_n": result.prompt_tokens, "prompt_ms": round(prompt_ms, 1),
+                "prompt_per_second": round(result.prompt_tokens / result.prompt_seconds, 2)
+                if result.prompt_seconds else None,
+                "predicted_n": result.completion_tokens, "predicted_ms": round(predicted_ms, 1),
+                "predicted_per_second": round(result.tokens_per_second, 2)}
+
 
 class ChatAnswer(OpenAIAnswer):
     """One chat answer: a chat.completion, or its chunks; one id for all of them. Tool calls stream as
     OpenAI streams them: a first delta with the call's index, id, type and name, then its arguments in
     fragments; no <tool_call> markup reaches content."""
 
-    def __init__(self, model, tools, tool_choice, with_usage):
+    def __init__(self, model, tools, tool_choice, with_usage, with_progress=False):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
         self.tools = tools
         self.tool_choice = tool_choice
         self.with_usage = with_usage
+        self.with_progress = with_progress
         self.parser = output_parser(tools)
         self.calls = 0
         self.content_chunk = TextChunks(self._chunk_body({"content": TextChunks.PLACEHOLDER}))
@@ -179,6 +211,9 @@ class ChatAnswer(OpenAIAnswer):
     def _chunk(self, delta, finish=None):
         return sse(self._chunk_body(delta, finish))
 
+    def empty_chunk(self):
+        return self._chunk_body({"role": "assistant", "content": None})
+
     def _events(self, events):
         out = b""
         for kind, value in events:
@@ -203,7 +238,10 @@ class ChatAnswer(OpenAIAnswer):
 
     def closing(self, result):
         out = self._events(self.parser.finish())
-        out += self._chunk({}, self.finish_reason(result, self.calls > 0))
+        last = self._chunk_body({}, self.finish_reason(result, self.calls > 0))
+        if self.with_progress:
+            last["timings"] = self.timings(result)
+        out += sse(last)
         if self.with_usage:
             body = self._base("chat.completion.chunk")
             body.update(choices=[], usage=usage(result))
@@ -233,19 +271,21 @@ def completions():
     echo = backend.tokenizer.decode(prompt_ids) if body["echo"] else ""
     klass = backend.request_class(request.headers, [{"role": "user", "content": text}], body["model"])
     run = CardRun.for_request(prompt_ids, body["max_tokens"], body["stop"], klass, body["stream"])
-    return serve(run, CompletionAnswer(backend.model_name, echo, include_usage(body)), body["stream"])
+    answer = CompletionAnswer(backend.model_name, echo, include_usage(body), body["return_progress"])
+    return serve(run, answer, body["stream"], progress=body["return_progress"])
 
 
 class CompletionAnswer(OpenAIAnswer):
     """One completion: a text_completion, or its chunks (the echoed prompt, one per text piece, the
     finish)."""
 
-    def __init__(self, model, echo, with_usage):
+    def __init__(self, model, echo, with_usage, with_progress=False):
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.model = model
         self.created = int(time.time())
         self.echo = echo
         self.with_usage = with_usage
+        self.with_progress = with_progress
         self.text_chunk = TextChunks(self.body(TextChunks.PLACEHOLDER, None, with_usage=with_usage))
 
     def body(self, text, finish, usage_value=None, with_usage=False):
@@ -262,11 +302,17 @@ class CompletionAnswer(OpenAIAnswer):
     def opening(self):
         return sse(self.body(self.echo, None, with_usage=self.with_usage)) if self.echo else b""
 
+    def empty_chunk(self):
+        return self.body("", None, with_usage=self.with_usage)
+
     def text(self, text):
         return self.text_chunk(text)
 
     def closing(self, result):
-        out = sse(self.body("", result.finish_reason, with_usage=self.with_usage))
+        last = self.body("", result.finish_reason, with_usage=self.with_usage)
+        if self.with_progress:
+            last["timings"] = self.timings(result)
+        out = sse(last)
         if self.with_usage:
             last = self.body("", None, usage(result))
             last["choices"] = []

@@ -138,6 +138,8 @@ class OpenAIRequest(_Lenient):
     stream_options = fields.Dict(load_default=None, allow_none=True)
     n = fields.Integer(strict=True, load_default=None, allow_none=True, validate=validate.Range(min=1))
     logit_bias = fields.Dict(load_default=None, allow_none=True)
+    # llama.cpp's opt-in: a stream that says where the request waits and how far the card has read the prompt.
+    return_progress = JsonBool(load_default=False)
 
     @validates_schema
     def _what_the_card_cannot_do(self, data, **kwargs):

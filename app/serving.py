@@ -27,6 +27,26 @@ class Heartbeat:
     """Nothing happened for generation.heartbeat_seconds."""
 
 
+@dataclass(frozen=True)
+class Queued:
+    """Where the request waits: `position` jobs go before it (0: next), `waiting` counts by class."""
+    position: int
+    request_class: str
+    waiting: dict
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far the card has read the prompt. The runner prints nothing meanwhile, so `processed` is an
+    estimate from the card's measured pace until the first text arrives (then it is exact: `estimated`
+    False, processed == total)."""
+    total: int
+    processed: int
+    elapsed: float
+    remaining: float
+    estimated: bool
+
+
 def compact_json(obj):
     """The one JSON encoding of everything we stream (SSE data, NDJSON lines)."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
@@ -105,22 +125,44 @@ class CardRun:
 
     def start(self):
         """Queue the job and wait until the card takes it. Raises APIError (503) or ClientGone."""
+        self.submit()
+        for _ in self.waiting():
+            pass
+        return self
+
+    def submit(self):
+        """Queue the job; a full queue or an unavailable card is an APIError (503) at once."""
         try:
             self.job = self.backend.card.submit(self.prompt_ids, self.max_tokens, self.stop, self.klass, self.streamed)
         except CardUnavailable as exc:
             raise card_failure(exc) from None
+
+    def waiting(self):
+        """After submit(), until the card takes the job: Queued whenever its place in line changes, Heartbeat
+        after a quiet spell. Raises APIError (a failed card, the queue timeout) or ClientGone."""
+        card = self.backend.card
         deadline = time.monotonic() + self.queue_timeout
+        last_place, last_event = None, time.monotonic()
         while True:
             event = self.job.next_event(POLL_SECONDS)
+            now = time.monotonic()
             if isinstance(event, Started):
                 self._started()
-                return self
+                return
             if isinstance(event, Failed):
                 raise card_failure(event.error)
+            position = card.position(self.job)
+            place = (position, tuple(card.queue_depths().items()))
+            if position is not None and place != last_place:
+                last_place, last_event = place, now
+                yield Queued(position, self.klass, dict(place[1]))
+            elif now - last_event >= self.heartbeat:
+                last_event = now
+                yield Heartbeat()
             if self.client_gone():
                 self.job.cancel()
                 raise ClientGone()
-            if time.monotonic() > deadline:
+            if now > deadline:
                 self.job.cancel()
                 raise APIError(503, f"The request waited {self.queue_timeout:g} s for the card and was dropped; "
                                "retry later.", type="server_busy", code="queue_timeout",
@@ -132,26 +174,37 @@ class CardRun:
         if self.record is not None:
             self.record.queue_wait = self.started_at - self.record.received
 
-    def events(self):
-        """After start(): Text as it comes, Heartbeat after a quiet spell, and finally Done. A card failure
-        raises APIError; a vanished client raises ClientGone. A background job that gives way to a person
-        (Requeued) waits again and starts again (Started): its client sees only a longer wait."""
+    def events(self, progress=False):
+        """After the card took the job: Text as it comes, Heartbeat after a quiet spell, and finally Done; with
+        `progress`, Progress while the card reads the prompt (its last one, exact, comes just before the first
+        Text). A card failure raises APIError; a vanished client raises ClientGone. A background job that
+        gives way to a person (Requeued) waits again and starts again (Started): its client sees only a
+        longer wait."""
         started = time.monotonic()
         last_event = started
         next_probe = started + POLL_SECONDS
         running = True  # False while a preempted job waits again
+        reading = progress  # the card is (as far as we know) reading the prompt, and progress is wanted
+        estimate = PromptEstimate(len(self.prompt_ids), self.backend.card.seconds_per_prompt_token())
         while True:
             event = self.job.next_event(POLL_SECONDS)
             now = time.monotonic()
             if isinstance(event, Failed):
                 raise card_failure(event.error)
             if isinstance(event, Requeued):
-                running = False
+                running, reading = False, False
                 if self.record is not None:
                     self.record.ttft = None  # the text of the interrupted run was never the client's
             if isinstance(event, Started):
                 self._started()
                 running, started = True, now  # the wall-clock limit counts this run
+                reading = progress
+                estimate = PromptEstimate(len(self.prompt_ids), self.backend.card.seconds_per_prompt_token())
+            if reading and isinstance(event, (Text, Done)):
+                reading = False
+                yield estimate.done(now - started)
+            elif reading and estimate.due(now - started):
+                yield estimate.at(now - started)
             if isinstance(event, Done) and event.result.finish_reason == "cancelled":
                 if not self.timed_out:  # we did not cancel it: the service is stopping
                     raise APIError(503, "The service is shutting down; retry shortly.",
@@ -195,15 +248,49 @@ class CardRun:
                 return event.result
 
 
+class PromptEstimate:
+    """Progress through a prompt the runner reads silently, one token per step: an estimate from the card's
+    measured pace, monotonic, never reaching the total before the first text is really there."""
+    EVERY = 0.5  # seconds between two Progress events
+
+    def __init__(self, total, seconds_per_token):
+        self.total = total
+        self.pace = seconds_per_token
+        self.processed = 0
+        self.next_at = 0.0
+
+    def due(self, elapsed):
+        return elapsed >= self.next_at
+
+    def at(self, elapsed):
+        self.next_at = elapsed + self.EVERY
+        # The first text comes two steps after the last prompt token (the runner prints ids three at a time).
+        self.processed = max(self.processed, min(self.total - 1, int(elapsed / self.pace)))
+        remaining = max(0.0, (self.total + 2) * self.pace - elapsed)
+        return Progress(self.total, self.processed, elapsed, remaining, estimated=True)
+
+    def done(self, elapsed):
+        return Progress(self.total, self.total, elapsed, 0.0, estimated=False)
+
+
 class Answer:
     """How one API writes one answer. `serve()` calls, for a stream: opening() once the card took the
-    request, text(piece) for each piece of the answer, heartbeat() after a quiet spell, then closing(result)
-    at the end or error(APIError) if the card failed; each returns the bytes to send. For a plain answer it
-    calls whole(result), which returns the response."""
+    request (at once when the client asked for progress, then queued() while it waits and progress() while
+    the card reads the prompt), text(piece) for each piece of the answer, heartbeat() after a quiet spell,
+    then closing(result) at the end or error(APIError) if the card failed; each returns the bytes to send.
+    For a plain answer it calls whole(result), which returns the response."""
     mimetype = "application/json"
     headers = None
 
     def opening(self):
+        return b""
+
+    def queued(self, event):
+        """A Queued event (only when the client asked for progress)."""
+        return b""
+
+    def progress(self, event):
+        """A Progress event (only when the client asked for progress)."""
         return b""
 
     def text(self, text):
@@ -222,14 +309,19 @@ class Answer:
         raise NotImplementedError
 
 
-def serve(run, answer, stream):
+def serve(run, answer, stream, progress=False):
     """The HTTP response for one request's run, for either API.
 
-    Waits for the card first, so a full or failed card is a plain HTTP error. Then the answer is written
-    whole, or streamed as the card produces it. The card is freed as soon as the client goes away.
+    Waits for the card first, so a full or failed card is a plain HTTP error; then the answer is written
+    whole, or streamed as the card produces it. A stream that asked for `progress` opens at once instead:
+    the wait in line and the card reading the prompt are events of the stream, and so is a card that fails
+    meanwhile. The card is freed as soon as the client goes away.
     """
     try:
-        run.start()
+        if progress and stream:
+            run.submit()
+        else:
+            run.start()
     except ClientGone:
         return Response(status=CLIENT_CLOSED)
     if not stream:
@@ -240,15 +332,24 @@ def serve(run, answer, stream):
                 return Response(status=CLIENT_CLOSED)
         return answer.whole(result)
 
+    def events():
+        if progress:
+            yield from run.waiting()
+        yield from run.events(progress)
+
     def body():
         yield answer.opening()
         try:
-            for event in run.events():
+            for event in events():
                 match event:
                     case Text(text):
                         yield answer.text(text)
                     case Heartbeat():
                         yield answer.heartbeat()
+                    case Queued():
+                        yield answer.queued(event)
+                    case Progress():
+                        yield answer.progress(event)
                     case Done(result):
                         yield answer.closing(result)
         except APIError as error:
