@@ -2,12 +2,14 @@
 names."""
 import functools
 import logging
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 from flask import current_app
 
+from app.paths import PROJECT_DIR
 from app.runner.card import Card, CardOptions
 from app.scheduling import Classifier
 from app.tokenizer.qwen import QwenTokenizer
@@ -31,6 +33,17 @@ def load_tokenizer(folder):
         raise SetupError(f"no tokenizer in {folder}: run scripts/setup (it builds one when the model "
                          "repository is absent)")
     return QwenTokenizer(folder)
+
+
+@functools.lru_cache(maxsize=1)
+def build_id():
+    """The checkout's commit, or "dev" where there is no git (a copied tree)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=PROJECT_DIR, capture_output=True,
+                              text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "dev"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "dev"
 
 
 class Backend:
@@ -61,6 +74,11 @@ class Backend:
                 return
             self._stopped = True
             self.card.stop()
+
+    @functools.cached_property
+    def fingerprint(self):
+        """OpenAI's system_fingerprint: this build and what runs the model, e.g. qwen-chat-0ba9667a1c-emulated."""
+        return f"qwen-chat-{build_id()}-{'emulated' if self.card.emulated else 'card'}"
 
     @functools.cached_property
     def model_size(self):

@@ -13,7 +13,6 @@ import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate, validates_schema
 
 from app.paths import INSTANCE_DIR, PROJECT_DIR
-from app.schemas import field_problems
 
 ENV_CONFIG = "QWEN_CHAT_CONFIG"
 ENV_API_KEY = "QWEN_CHAT_API_KEY"
@@ -175,6 +174,29 @@ class Config(_Strict):
 
 
 CONFIG = Config()
+
+
+def field_problems(messages, parts=()):
+    """marshmallow's nested error messages as (path, text) pairs: ("messages[0].role", "Must be one of...").
+    A problem with the whole object has the empty path."""
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            yield from field_problems(value, parts if key == "_schema" else parts + (key,))
+    elif isinstance(messages, list) and messages and all(isinstance(m, str) for m in messages):
+        yield _path(parts), " ".join(messages)
+    elif isinstance(messages, list):
+        for item in messages:
+            yield from field_problems(item, parts)
+    else:
+        yield _path(parts), str(messages)
+
+
+def _path(parts):
+    """("messages", 0, "role") -> "messages[0].role" """
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def problem_lines(messages):

@@ -1,9 +1,14 @@
 """CORS for browser clients, off by default: server.cors_origins lists the allowed origins ("*" for any)."""
+import re
+
 from flask import current_app, request
 
 from app import requestlog
 
 ALLOWED_HEADERS = "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project"
+# The headers a preflight may ask for and get, as llama.cpp and Ollama effectively allow: what a configured
+# origin's client sends (the openai JS SDK adds x-stainless-*), within sane bounds.
+REQUESTED_HEADERS_RE = re.compile(r"^[A-Za-z0-9-]{1,64}(\s*,\s*[A-Za-z0-9-]{1,64}){0,49}$")
 ALLOWED_METHODS = "GET, POST, HEAD, OPTIONS"
 EXPOSED_HEADERS = ", ".join(["X-Request-Id", "Retry-After", requestlog.DROPPED_MESSAGES, requestlog.DROPPED_TOOLS])
 
@@ -26,7 +31,10 @@ def preflight():
             return current_app.response_class(status=403)
         response = current_app.response_class(status=204)
         response.headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS
-        response.headers["Access-Control-Allow-Headers"] = ALLOWED_HEADERS
+        requested = request.headers.get("Access-Control-Request-Headers", "").strip()
+        response.headers["Access-Control-Allow-Headers"] = (
+            requested if REQUESTED_HEADERS_RE.match(requested) else ALLOWED_HEADERS)
+        response.vary.add("Access-Control-Request-Headers")
         response.headers["Access-Control-Max-Age"] = "600"
         return response
     return None

@@ -6,7 +6,7 @@ from flask import jsonify, request
 from marshmallow import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from app.schemas import field_problems
+from app.config import field_problems
 from app.text import printable, traceback_without_message
 
 log = logging.getLogger(__name__)

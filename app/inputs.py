@@ -74,8 +74,8 @@ def _unicode(text):
     return True
 
 
-def chat_prompt_ids(backend, messages, tools=None, keep_tool=None, instruction=None, max_tokens=None,
-                    window=MAX_TOKEN_LEN):
+def chat_prompt_ids(backend, messages, tools=None, keep_tool=None, tool_instruction=None, max_tokens=None,
+                    window=MAX_TOKEN_LEN, instruction=None, ending="generate"):
     """The prompt ids of a conversation, by the chat template, fitted to the window (window.py): what was
     left out goes into the request's record (its log line, headers and metrics). What the template cannot
     render is the client's error."""
@@ -84,7 +84,8 @@ def chat_prompt_ids(backend, messages, tools=None, keep_tool=None, instruction=N
     # half of a small window (Ollama's num_ctx), or nothing of the conversation could stay.
     reserve = min(context["reserve_tokens"], max_tokens or context["reserve_tokens"], window // 2)
     try:
-        conversation = Conversation(backend.tokenizer, messages, tools, keep_tool, instruction)
+        conversation = Conversation(backend.tokenizer, messages, tools, keep_tool, tool_instruction, instruction,
+                                    ending)
         fitted = fit(conversation, window, reserve, context["overflow"])
     except (TemplateError, TypeError, ValueError, RecursionError) as exc:
         raise APIError(400, f"The conversation cannot be rendered by the model's chat template: {exc}",

@@ -11,8 +11,9 @@ from app.errors import APIError
 from app.inputs import chat_prompt_ids, check_raw_prompt, read_body
 from app.requestlog import note_prompt
 from app.runner.protocol import LAYERS, MAX_TOKEN_LEN
-from app.schemas import OLLAMA_CHAT_REQUEST, OLLAMA_GENERATE_REQUEST, OLLAMA_MODEL_REQUEST
+from app.schemas import OLLAMA_CHAT_REQUEST, OLLAMA_GENERATE_REQUEST, OLLAMA_MODEL_REQUEST, ollama_json_format
 from app.serving import Answer, CardRun, compact_json, serve
+from app.structured import StructuredText
 from app.tools import collect, output_parser, tool_names
 
 bp = Blueprint("ollama", __name__)
@@ -64,12 +65,13 @@ class OllamaAnswer(Answer):
     <tool_call> markup in the content. `extra(result)` adds fields to the done object (generate's context)."""
     mimetype = "application/x-ndjson"
 
-    def __init__(self, run, model, field, received, tools=(), extra=lambda result: None):
+    def __init__(self, run, model, field, received, tools=(), extra=lambda result: None, json_format=None):
         self.run = run
         self.model = model
         self.field = field
         self.received = received
-        self.parser = output_parser(tools)
+        self.json_format = json_format  # `format`: the answer is its JSON value only, validated (structured.py)
+        self.parser = StructuredText(json_format) if json_format else output_parser(tools)
         self.extra = extra
         self.calls = 0
 
@@ -112,13 +114,18 @@ class OllamaAnswer(Answer):
         return self._lines(self.parser.feed(text))
 
     def closing(self, result):
+        if self.json_format:
+            self.parser.check()  # raises APIError: the stream ends with an error line, not a done one
         return self._lines(self.parser.finish()) + line(self._final(result))
 
     def error(self, error):
         return line(error.ollama_body())
 
     def whole(self, result):
-        content, calls = collect(self.parser, result.text)
+        if self.json_format:
+            content, calls = self.json_format.value(result.text), []
+        else:
+            content, calls = collect(self.parser, result.text)
         return jsonify(self._final(result, content, calls))
 
 
@@ -151,10 +158,16 @@ def chat():
     note_prompt(messages[-1]["content"])
     tools = raw.get("tools") if body["tools"] else None
     limit = max_tokens(options)
-    prompt_ids = chat_prompt_ids(backend, messages, tools, max_tokens=limit, window=window(options))
+    fmt = ollama_json_format(body["format"])
+    # As Ollama does: a conversation that ends with an assistant message is continued (a prefill).
+    last = body["messages"][-1]
+    ending = "continue" if last["role"] == "assistant" and not last["tool_calls"] else "generate"
+    prompt_ids = chat_prompt_ids(backend, messages, tools, max_tokens=limit, window=window(options),
+                                 instruction=fmt.instruction() if fmt else None, ending=ending)
     klass = backend.request_class(request.headers, messages, body["model"])
-    run = CardRun.for_request(prompt_ids, limit, options.get("stop", []), klass, body["stream"])
-    answer = OllamaAnswer(run, body["model"], "message", received, tool_names(body["tools"]))
+    run = CardRun.for_request(prompt_ids, limit, options.get("stop", []), klass, body["stream"],
+                              json_value=fmt.opener if fmt else None)
+    answer = OllamaAnswer(run, body["model"], "message", received, tool_names(body["tools"]), json_format=fmt)
     return serve(run, answer, body["stream"])
 
 
@@ -167,12 +180,14 @@ def generate():
     if not body["prompt"]:
         return load_reply(body["model"], body["keep_alive"], response="")
     options = body["options"] or {}
+    fmt = ollama_json_format(body["format"])
     messages = [{"role": "system", "content": body["system"]}] if body["system"] else []
     messages.append({"role": "user", "content": body["prompt"]})
     if body["raw"]:
-        prompt_ids = backend.tokenizer.encode(body["prompt"])
+        prompt_ids = backend.tokenizer.encode(body["prompt"])  # no template: no room for the format's words
     else:
-        prompt_ids = backend.tokenizer.chat_ids(messages)
+        instruction = [{"role": "system", "content": fmt.instruction()}] if fmt else []
+        prompt_ids = backend.tokenizer.chat_ids(messages + instruction)
     context = body["context"] or []
     if not all(backend.tokenizer.valid_id(i) for i in context):
         raise APIError(400, "context holds token ids outside the vocabulary")
@@ -180,9 +195,10 @@ def generate():
     check_raw_prompt(prompt_ids, "prompt", window(options), len(context))
     note_prompt(body["prompt"])
     klass = backend.request_class(request.headers, messages, body["model"])
-    run = CardRun.for_request(prompt_ids, max_tokens(options), options.get("stop", []), klass, body["stream"])
+    run = CardRun.for_request(prompt_ids, max_tokens(options), options.get("stop", []), klass, body["stream"],
+                              json_value=fmt.opener if fmt else None)
     answer = OllamaAnswer(run, body["model"], "response", received,
-                          extra=lambda result: {"context": prompt_ids + result.ids})
+                          extra=lambda result: {"context": prompt_ids + result.ids}, json_format=fmt)
     return serve(run, answer, body["stream"])
 
 

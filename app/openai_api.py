@@ -10,8 +10,9 @@ from app.errors import APIError
 from app.inputs import chat_prompt_ids, check_raw_prompt, read_body
 from app.requestlog import note_prompt
 from app.runner.protocol import MAX_TOKEN_LEN
-from app.schemas import CHAT_COMPLETION_REQUEST, COMPLETION_REQUEST
+from app.schemas import CHAT_COMPLETION_REQUEST, COMPLETION_REQUEST, json_format
 from app.serving import Answer, CardRun, compact_json, serve
+from app.structured import StructuredText
 from app.tools import collect, output_parser, required_instruction, template_tool_calls, tool_names
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -24,6 +25,9 @@ ARGUMENT_FRAGMENT = 32  # streamed tool-call arguments arrive in pieces of this 
 
 
 def check_model(name):
+    """A name of the served model, or none at all (absent, null or ""), which means the served model."""
+    if name in (None, ""):
+        return
     if not current_backend().knows_model(name):
         raise APIError(404, f"The model `{name}` does not exist. This server serves `{current_backend().model_name}`.",
                        param="model", code="model_not_found")
@@ -111,10 +115,17 @@ def chat_completions():
     max_tokens = body["max_completion_tokens"] or body["max_tokens"]
     choice = body["tool_choice"]
     named = choice["function"]["name"] if isinstance(choice, dict) else None
-    prompt_ids = chat_prompt_ids(backend, messages, tools, named, instruction, max_tokens)
+    fmt = json_format(body["response_format"])
+    if body["continue_final_message"]:
+        ending = "continue"
+    else:
+        ending = "none" if body["add_generation_prompt"] is False else "generate"
+    prompt_ids = chat_prompt_ids(backend, messages, tools, named, instruction, max_tokens,
+                                 instruction=fmt.instruction() if fmt else None, ending=ending)
     klass = backend.request_class(request.headers, messages, body["model"])
-    run = CardRun.for_request(prompt_ids, max_tokens, body["stop"], klass, body["stream"])
-    answer = ChatAnswer(backend.model_name, names, choice, include_usage(body), body["return_progress"])
+    run = CardRun.for_request(prompt_ids, max_tokens, body["stop"], klass, body["stream"],
+                              json_value=fmt.opener if fmt else None)
+    answer = ChatAnswer(backend, names, choice, include_usage(body), body["return_progress"], fmt)
     return serve(run, answer, body["stream"], progress=body["return_progress"])
 
 
@@ -165,21 +176,23 @@ class ChatAnswer(OpenAIAnswer):
     OpenAI streams them: a first delta with the call's index, id, type and name, then its arguments in
     fragments; no <tool_call> markup reaches content."""
 
-    def __init__(self, model, tools, tool_choice, with_usage, with_progress=False):
+    def __init__(self, backend, tools, tool_choice, with_usage, with_progress=False, json_format=None):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.model = model
+        self.model = backend.model_name
+        self.fingerprint = backend.fingerprint
         self.created = int(time.time())
         self.tools = tools
         self.tool_choice = tool_choice
         self.with_usage = with_usage
         self.with_progress = with_progress
-        self.parser = output_parser(tools)
+        self.json_format = json_format  # a JSON answer: its value only, validated (structured.py)
+        self.parser = StructuredText(json_format) if json_format else output_parser(tools)
         self.calls = 0
         self.content_chunk = TextChunks(self._chunk_body({"content": TextChunks.PLACEHOLDER}))
 
     def _base(self, obj):
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
+                "system_fingerprint": self.fingerprint}
 
     def finish_reason(self, result, called):
         if called and result.finish_reason == "stop":
@@ -190,7 +203,10 @@ class ChatAnswer(OpenAIAnswer):
         return result.finish_reason
 
     def whole(self, result):
-        content, calls = collect(self.parser, result.text)
+        if self.json_format:
+            content, calls = self.json_format.value(result.text), []
+        else:
+            content, calls = collect(self.parser, result.text)
         message = {"role": "assistant", "content": content if content or not self.tools else None,
                    "refusal": None}
         if calls:
@@ -238,6 +254,8 @@ class ChatAnswer(OpenAIAnswer):
 
     def closing(self, result):
         out = self._events(self.parser.finish())
+        if self.json_format:
+            self.parser.check()  # raises APIError: the stream ends with an error event, not a finish
         last = self._chunk_body({}, self.finish_reason(result, self.calls > 0))
         if self.with_progress:
             last["timings"] = self.timings(result)
@@ -271,7 +289,7 @@ def completions():
     echo = backend.tokenizer.decode(prompt_ids) if body["echo"] else ""
     klass = backend.request_class(request.headers, [{"role": "user", "content": text}], body["model"])
     run = CardRun.for_request(prompt_ids, body["max_tokens"], body["stop"], klass, body["stream"])
-    answer = CompletionAnswer(backend.model_name, echo, include_usage(body), body["return_progress"])
+    answer = CompletionAnswer(backend, echo, include_usage(body), body["return_progress"])
     return serve(run, answer, body["stream"], progress=body["return_progress"])
 
 
@@ -279,9 +297,10 @@ class CompletionAnswer(OpenAIAnswer):
     """One completion: a text_completion, or its chunks (the echoed prompt, one per text piece, the
     finish)."""
 
-    def __init__(self, model, echo, with_usage, with_progress=False):
+    def __init__(self, backend, echo, with_usage, with_progress=False):
         self.id = f"cmpl-{uuid.uuid4().hex}"
-        self.model = model
+        self.model = backend.model_name
+        self.fingerprint = backend.fingerprint
         self.created = int(time.time())
         self.echo = echo
         self.with_usage = with_usage
@@ -290,7 +309,7 @@ class CompletionAnswer(OpenAIAnswer):
 
     def body(self, text, finish, usage_value=None, with_usage=False):
         body = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "system_fingerprint": None,
+                "system_fingerprint": self.fingerprint,
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
         if usage_value is not None or with_usage:
             body["usage"] = usage_value  # None on all but the last chunk, as OpenAI does
@@ -323,7 +342,9 @@ class CompletionAnswer(OpenAIAnswer):
 # -- models ------------------------------------------------------------------------------------------------
 def model_object():
     backend = current_backend()
-    return {"id": backend.model_name, "object": "model", "created": backend.created, "owned_by": "qwen-chat"}
+    # max_model_len as vLLM reports it: the window is what clients most need to know about this card.
+    return {"id": backend.model_name, "object": "model", "created": backend.created, "owned_by": "qwen-chat",
+            "max_model_len": MAX_TOKEN_LEN}
 
 
 @bp.get("/models")

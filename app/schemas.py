@@ -1,29 +1,10 @@
 """The request bodies' marshmallow schemas, created once (the configuration's own schema is in config.py)."""
+import json
+import re
+
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
-
-def field_problems(messages, parts=()):
-    """marshmallow's nested error messages as (path, text) pairs: ("messages[0].role", "Must be one of...").
-    A problem with the whole object has the empty path."""
-    if isinstance(messages, dict):
-        for key, value in messages.items():
-            yield from field_problems(value, parts if key == "_schema" else parts + (key,))
-    elif isinstance(messages, list) and messages and all(isinstance(m, str) for m in messages):
-        yield _path(parts), " ".join(messages)
-    elif isinstance(messages, list):
-        for item in messages:
-            yield from field_problems(item, parts)
-    else:
-        yield _path(parts), str(messages)
-
-
-def _path(parts):
-    """("messages", 0, "role") -> "messages[0].role" """
-    out = ""
-    for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
+from app.structured import JsonFormat, schema_error
 
 
 # -- request bodies --------------------------------------------------------------------------------------
@@ -76,7 +57,7 @@ class ContentField(fields.Field):
             if not isinstance(part.get("text"), str):
                 raise self.make_error("text")
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)  # as llama.cpp and vLLM join text parts
 
 
 class ToolFunction(_Lenient):
@@ -140,6 +121,8 @@ class OpenAIRequest(_Lenient):
     logit_bias = fields.Dict(load_default=None, allow_none=True)
     # llama.cpp's opt-in: a stream that says where the request waits and how far the card has read the prompt.
     return_progress = JsonBool(load_default=False)
+    # Absent, null or "" mean the served model (as vLLM and llama.cpp read them); a wrong name is a 404.
+    model = fields.String(load_default=None, allow_none=True)
 
     @validates_schema
     def _what_the_card_cannot_do(self, data, **kwargs):
@@ -148,12 +131,14 @@ class OpenAIRequest(_Lenient):
         if data.get("logit_bias"):
             raise ValidationError("`logit_bias` is not supported: the card's sampling is fixed.", "logit_bias")
         options = data.get("stream_options")
+        if options is not None and not data.get("stream"):
+            raise ValidationError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                                  "stream_options")
         if options is not None and not isinstance(options.get("include_usage", False), bool):
             raise ValidationError("`include_usage` must be a boolean.", "stream_options")
 
 
 class ChatCompletionRequest(OpenAIRequest):
-    model = fields.String(required=True, validate=validate.Length(min=1))
     messages = fields.List(fields.Nested(ChatMessage), required=True, validate=validate.Length(
         min=1, error="At least one message is required."))
     max_completion_tokens = fields.Integer(strict=True, load_default=None, allow_none=True,
@@ -167,6 +152,9 @@ class ChatCompletionRequest(OpenAIRequest):
     functions = fields.Raw(load_default=None, allow_none=True)
     function_call = fields.Raw(load_default=None, allow_none=True)
     modalities = fields.List(fields.String(), load_default=None, allow_none=True)
+    # vLLM's prefill: the conversation ends inside its final assistant message, which the model continues.
+    continue_final_message = JsonBool(load_default=False)
+    add_generation_prompt = JsonBool(load_default=None, allow_none=True)
 
     @validates_schema
     def _chat_features(self, data, **kwargs):
@@ -174,10 +162,15 @@ class ChatCompletionRequest(OpenAIRequest):
             raise ValidationError("`logprobs` is not supported by this server.", "logprobs")
         if data.get("top_logprobs"):
             raise ValidationError("`top_logprobs` is not supported by this server.", "top_logprobs")
-        fmt = data.get("response_format")
-        if fmt is not None and fmt.get("type", "text") != "text":
-            raise ValidationError("Only `response_format` {\"type\": \"text\"} is supported: the card's output "
-                                  "cannot be constrained.", "response_format")
+        check_response_format(data.get("response_format"))
+        if data.get("continue_final_message"):
+            if data.get("add_generation_prompt"):
+                raise ValidationError("Cannot set both `continue_final_message` and `add_generation_prompt` to "
+                                      "True.", "continue_final_message")
+            messages = data.get("messages") or []
+            if not messages or messages[-1]["role"] != "assistant" or messages[-1].get("tool_calls"):
+                raise ValidationError("`continue_final_message` needs the conversation to end with an assistant "
+                                      "message (without tool calls) to continue.", "continue_final_message")
         if data.get("functions") or data.get("function_call"):
             raise ValidationError("The legacy `functions` API is not supported; use `tools`.", "functions")
         if data.get("modalities") and set(data["modalities"]) != {"text"}:
@@ -188,6 +181,46 @@ class ChatCompletionRequest(OpenAIRequest):
                 and isinstance(choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)):
             raise ValidationError('Must be "none", "auto", "required" or {"type": "function", "function": '
                                   '{"name": ...}}.', "tool_choice")
+
+
+JSON_SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_response_format(fmt):
+    """OpenAI's response_format: text, json_object, or json_schema with a name and a valid JSON Schema."""
+    if fmt is None:
+        return
+    kind = fmt.get("type", "text")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise ValidationError('`type` must be "text", "json_object" or "json_schema".', "response_format")
+    if kind != "json_schema":
+        return
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not JSON_SCHEMA_NAME.match(spec["name"]):
+        raise ValidationError("`json_schema` needs a `name` of 1-64 letters, digits, underscores or dashes.",
+                              "response_format")
+    schema = spec.get("schema")
+    if schema is not None and (not isinstance(schema, dict) or schema_error(schema)):
+        problem = schema_error(schema) if isinstance(schema, dict) else "it must be an object"
+        raise ValidationError(f"`json_schema.schema` is not a valid JSON Schema: {problem}", "response_format")
+
+
+def ollama_json_format(fmt):
+    """The JsonFormat Ollama's `format` asks for ("json" or a schema), or None."""
+    if fmt == "json":
+        return JsonFormat()
+    return JsonFormat(fmt) if isinstance(fmt, dict) else None
+
+
+def json_format(response_format):
+    """The JsonFormat OpenAI's response_format asks for, or None for text."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "json_object":
+        return JsonFormat()
+    if kind == "json_schema":
+        spec = response_format["json_schema"]
+        return JsonFormat(spec.get("schema") or {}, spec["name"])
+    return None
 
 
 class PromptField(fields.Field):
@@ -210,7 +243,6 @@ class PromptField(fields.Field):
 
 
 class CompletionRequest(OpenAIRequest):
-    model = fields.String(required=True, validate=validate.Length(min=1))
     prompt = PromptField(required=True)
     echo = JsonBool(load_default=False)
     suffix = fields.String(load_default=None, allow_none=True)
@@ -224,12 +256,43 @@ class CompletionRequest(OpenAIRequest):
         if (data.get("best_of") or 1) > 1:
             raise ValidationError("`best_of` > 1 is not supported: the card generates one choice at a time.",
                                   "best_of")
-        if data.get("logprobs"):
+        if data.get("logprobs") is not None:  # even 0, which asks for the sampled token's own logprob
             raise ValidationError("`logprobs` is not supported by this server.", "logprobs")
+
+
+class TokenizeRequest(_Lenient):
+    """vLLM's /tokenize (`prompt`, or chat `messages`) and llama.cpp's (`content`)."""
+    model = fields.String(load_default=None, allow_none=True)
+    prompt = fields.String(load_default=None, allow_none=True)
+    messages = fields.List(fields.Nested(ChatMessage), load_default=None, allow_none=True)
+    content = fields.String(load_default=None, allow_none=True)
+    tools = fields.List(fields.Nested(Tool), load_default=None, allow_none=True)
+    add_generation_prompt = JsonBool(load_default=None, allow_none=True)
+    continue_final_message = JsonBool(load_default=False)
+    add_special_tokens = JsonBool(load_default=None, allow_none=True)  # Qwen2.5 adds none either way
+    return_token_strs = JsonBool(load_default=False)
+    with_pieces = JsonBool(load_default=False)
+
+    @validates_schema
+    def _one_input(self, data, **kwargs):
+        given = [name for name in ("prompt", "messages", "content") if data.get(name) is not None]
+        if len(given) != 1:
+            raise ValidationError("Send exactly one of `prompt`, `messages` (vLLM) or `content` (llama.cpp).",
+                                  "prompt")
+        if data.get("continue_final_message") and data.get("add_generation_prompt"):
+            raise ValidationError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                                  "continue_final_message")
+
+
+class DetokenizeRequest(_Lenient):
+    model = fields.String(load_default=None, allow_none=True)
+    tokens = fields.List(fields.Integer(strict=True), required=True)
 
 
 CHAT_COMPLETION_REQUEST = ChatCompletionRequest()
 COMPLETION_REQUEST = CompletionRequest()
+TOKENIZE_REQUEST = TokenizeRequest()
+DETOKENIZE_REQUEST = DetokenizeRequest()
 
 
 # -- Ollama (docs/api.md) --------------------------------------------------------------------------------
@@ -285,11 +348,14 @@ class _OllamaRequest(_Lenient):
     def _unsupported(self, data, **kwargs):
         if data.get("logprobs"):
             raise ValidationError("logprobs are not supported by this server", "logprobs")
-        if data.get("format") not in (None, ""):
-            raise ValidationError("structured outputs are not supported: the card's output cannot be "
-                                  "constrained", "format")
-        if data.get("think") not in (None, False):
-            raise ValidationError("this model does not support thinking", "think")
+        fmt = data.get("format")
+        if fmt not in (None, "", "json") and not isinstance(fmt, dict):
+            raise ValidationError(f'invalid format: {json.dumps(fmt)}; expected "json" or a valid JSON Schema '
+                                  "object", "format")
+        if isinstance(fmt, dict) and schema_error(fmt):
+            raise ValidationError(f"invalid JSON schema in format: {schema_error(fmt)}", "format")
+        if data.get("think") not in (None, False):  # Ollama's words for a model without thinking
+            raise ValidationError(f"{json.dumps(data.get('model'))} does not support thinking", "think")
 
 
 class OllamaChatRequest(_OllamaRequest):

@@ -88,7 +88,7 @@ def card_failure(exc):
 class CardRun:
     """Submit, wait for the card, then read events. Use as a context manager: leaving it cancels the job."""
 
-    def __init__(self, backend, prompt_ids, max_tokens, stop, klass=INTERACTIVE, streamed=False,
+    def __init__(self, backend, prompt_ids, max_tokens, stop, klass=INTERACTIVE, streamed=False, json_value=None,
                  client_gone=lambda: False, record=None):
         settings = backend.settings
         self.backend = backend
@@ -97,6 +97,7 @@ class CardRun:
         self.stop = stop
         self.klass = klass          # INTERACTIVE or BACKGROUND (scheduling.py)
         self.streamed = streamed
+        self.json_value = json_value  # "{" or "[": the card stops after the first complete JSON value
         self.client_gone = client_gone
         self.queue_timeout = settings["server"]["queue_timeout"]
         self.wall_timeout = settings["generation"]["timeout"]
@@ -110,11 +111,11 @@ class CardRun:
             record.request_class = klass
 
     @classmethod
-    def for_request(cls, prompt_ids, max_tokens, stop, klass=INTERACTIVE, streamed=False):
+    def for_request(cls, prompt_ids, max_tokens, stop, klass=INTERACTIVE, streamed=False, json_value=None):
         """The run for the request being handled (as flaskr's get_db()): its backend, its client's socket and
         its log record."""
-        return cls(current_backend(), prompt_ids, max_tokens, stop, klass, streamed, client_probe(request.environ),
-                   current_record())
+        return cls(current_backend(), prompt_ids, max_tokens, stop, klass, streamed, json_value,
+                   client_probe(request.environ), current_record())
 
     def __enter__(self):
         return self
@@ -133,7 +134,8 @@ class CardRun:
     def submit(self):
         """Queue the job; a full queue or an unavailable card is an APIError (503) at once."""
         try:
-            self.job = self.backend.card.submit(self.prompt_ids, self.max_tokens, self.stop, self.klass, self.streamed)
+            self.job = self.backend.card.submit(self.prompt_ids, self.max_tokens, self.stop, self.klass, self.streamed,
+                                                self.json_value)
         except CardUnavailable as exc:
             raise card_failure(exc) from None
 

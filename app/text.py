@@ -1,5 +1,5 @@
-"""Small text helpers: held-back markers (the driver's stop strings, the tool-call parser's markup), and what
-may go into a log line."""
+"""Small text helpers: held-back markers (the driver's stop strings, the tool-call parser's markup), the end of
+a streamed JSON value, and what may go into a log line."""
 import traceback
 
 
@@ -31,3 +31,48 @@ def traceback_without_message(exc):
     or an answer, and logs carry no one's text (README, "Security model")."""
     frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
     return f"Traceback (most recent call last):\n{frames}{type(exc).__qualname__} (message withheld)"
+
+
+class JsonScanner:
+    """Finds the first complete JSON object (or array) in text that arrives piece by piece: feed() each piece,
+    and `start`/`end` are then the value's offsets in all the text fed so far (`end` once it is complete).
+    Strings and escapes are followed, so braces inside strings do not count."""
+
+    def __init__(self, opener="{"):
+        self.opener = opener
+        self.closer = {"{": "}", "[": "]"}[opener]
+        self.start = None
+        self.end = None
+        self._seen = 0          # characters fed so far
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+
+    def feed(self, text):
+        """Returns `end` once the value is complete (and ignores whatever comes after it)."""
+        if self.end is not None:
+            self._seen += len(text)
+            return self.end
+        for i, ch in enumerate(text):
+            if self.start is None:
+                if ch == self.opener:
+                    self.start, self._depth = self._seen + i, 1
+                continue
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = True
+                elif ch == '"':
+                    self._in_string = False
+            elif ch == '"':
+                self._in_string = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    self.end = self._seen + i + 1
+                    break
+        self._seen += len(text)
+        return self.end

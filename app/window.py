@@ -18,8 +18,12 @@ from dataclasses import dataclass
 from app.errors import APIError
 from app.tokenizer.qwen import DEFAULT_SYSTEM_PROMPT
 
-GENERATION_PROMPT_TOKENS = 3   # <|im_start|> assistant \n
 EMPTY_SYSTEM = {"role": "system", "content": ""}
+# What the prompt's end adds to the sum of its groups: the next assistant turn's header (3 tokens:
+# <|im_start|> assistant \n), nothing, or, to continue the final assistant message, minus its end (2 tokens:
+# <|im_end|> \n).
+ENDING_TOKENS = {"generate": 3, "none": 0, "continue": -2}
+GENERATION_PROMPT_TOKENS = ENDING_TOKENS["generate"]
 
 
 @dataclass
@@ -44,12 +48,15 @@ class _Group:
 class Conversation:
     """A conversation as the chat template renders it, split into groups that can be counted and dropped."""
 
-    def __init__(self, tokenizer, messages, tools=None, keep_tool=None, instruction=None):
+    def __init__(self, tokenizer, messages, tools=None, keep_tool=None, tool_instruction=None, instruction=None,
+                 ending="generate"):
         self.tokenizer = tokenizer
         self.messages = list(messages)
         self.tools = list(tools or [])
         self.keep_tool = keep_tool          # the tool named by tool_choice: it stays when tools must go
-        self.instruction = instruction      # tool_choice's instruction, a final system turn while tools stay
+        self.tool_instruction = tool_instruction  # tool_choice's instruction: a system turn while tools stay
+        self.instruction = instruction      # e.g. the JSON answer's format: a system turn, always there
+        self.ending = ending                # QwenTokenizer.chat_ids: "generate", "none" or "continue"
         first_is_system = bool(self.messages) and self.messages[0]["role"] == "system"
         self.head = self.messages[0] if first_is_system else {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
         self.head_given = first_is_system
@@ -66,9 +73,13 @@ class Conversation:
         for group in self.groups if groups is None else groups:
             messages += group.messages
         tools = self.tools if tools is None else tools
-        if self.instruction and tools:
-            messages = messages + [{"role": "system", "content": self.instruction}]
-        return self.tokenizer.chat_ids(messages, tools or None)
+        # The instructions are the last system turns; an answer to continue stays last of all.
+        final = [messages.pop()] if self.ending == "continue" else []
+        messages += [{"role": "system", "content": text} for text in self._instructions(tools)] + final
+        return self.tokenizer.chat_ids(messages, tools or None, ending=self.ending)
+
+    def _instructions(self, tools):
+        return [text for text in (self.tool_instruction if tools else None, self.instruction) if text]
 
     # -- counting ----------------------------------------------------------------------------------------
     @functools.cached_property
@@ -81,10 +92,10 @@ class Conversation:
         return len(self.tokenizer.encode(text[len(self._empty_head):]))
 
     def head_tokens(self, tools):
+        """The system turn (with the tools) and the instructions."""
         tokens = len(self.tokenizer.encode(self.tokenizer.render_chat([self.head], tools or None,
                                                                       add_generation_prompt=False)))
-        if self.instruction and tools:
-            tokens += self._count([{"role": "system", "content": self.instruction}])
+        tokens += sum(self._count([{"role": "system", "content": text}]) for text in self._instructions(tools))
         return tokens
 
     def _groups(self, messages):
@@ -128,13 +139,15 @@ def fit(conversation, window, reserve, overflow="truncate"):
     kept = [g for g in groups if not g.droppable]
     droppable = [g for g in groups if g.droppable]
     tools = conversation.tools
-    fixed = conversation.head_tokens(tools) + sum(g.tokens for g in kept) + GENERATION_PROMPT_TOKENS
+    ending = ENDING_TOKENS[conversation.ending]
+    fixed = conversation.head_tokens(tools) + sum(g.tokens for g in kept) + ending
     if overflow == "error":
         raise too_long(conversation, len(ids), window, ", and nothing is left out (context.overflow is error)")
     if fixed + reserve > window and tools:
         # Even without any earlier turn the tools leave no room: they go, and as much history as fits stays.
         tools = [t for t in tools if _tool_name(t) == conversation.keep_tool]
-        fixed = conversation.head_tokens(tools) + sum(g.tokens for g in kept) + GENERATION_PROMPT_TOKENS
+        ending = ENDING_TOKENS[conversation.ending]
+    fixed = conversation.head_tokens(tools) + sum(g.tokens for g in kept) + ending
     if fixed > window:
         raise too_long(conversation, len(ids), window,
                        ", which cannot fit even with earlier turns and tool definitions left out")

@@ -55,7 +55,7 @@ def test_cors_preflight_and_headers(locked):
         "Access-Control-Request-Headers": "authorization, content-type"})
     assert preflight.status_code == 204  # no key needed for a preflight
     assert preflight.headers["Access-Control-Allow-Origin"] == "http://ui.example"
-    assert "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
     response = locked.get("/v1/models", headers={"Origin": "http://ui.example", "Authorization": "Bearer k1"})
     assert response.headers["Access-Control-Allow-Origin"] == "http://ui.example"
     other = locked.options("/v1/models", headers={"Origin": "http://evil.example",

@@ -33,9 +33,11 @@ def test_chat_completion_shape(client, tokenizer):
         "total_tokens": len(tokenizer.chat_ids(messages)) + len(tokenizer.encode(said("hello there")))}
 
 
-def test_content_as_text_parts(client):
-    messages = [{"role": "user", "content": [{"type": "text", "text": "part one, "}, {"type": "text", "text": "two"}]}]
-    assert chat(client, messages=messages).get_json()["choices"][0]["message"]["content"] == said("part one, two")
+def test_content_as_text_parts_joined_by_newlines(client):
+    # As llama.cpp and vLLM join them: ["What is", "the best book"] must not become "What isthe best book".
+    parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "the best book"}]
+    answer = chat(client, messages=[{"role": "user", "content": parts}]).get_json()["choices"][0]["message"]
+    assert answer["content"] == said("What is\nthe best book")
 
 
 def test_developer_role_is_a_system_prompt(client, tokenizer):
@@ -139,8 +141,10 @@ def test_context_length_exceeded(client, tokenizer):
                         param="prompt", code="context_length_exceeded")
 
 
+X = [{"role": "user", "content": "x"}]
+
+
 @pytest.mark.parametrize("body, param", [
-    ({"messages": [{"role": "user", "content": "x"}]}, "model"),
     ({"model": MODEL}, "messages"),
     ({"model": MODEL, "messages": []}, "messages"),
     ({"model": MODEL, "messages": "hello"}, "messages"),
@@ -158,8 +162,16 @@ def test_context_length_exceeded(client, tokenizer):
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 5}}, "logit_bias"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
-      "response_format": {"type": "json_object"}}, "response_format"),
+    ({"model": MODEL, "messages": X, "response_format": {"type": "xml"}}, "response_format"),
+    ({"model": MODEL, "messages": X, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+     "response_format"),
+    ({"model": MODEL, "messages": X, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "bad", "schema": {"type": "no such type"}}}}, "response_format"),
+    ({"model": MODEL, "messages": X, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"model": MODEL, "messages": X, "stream": False, "stream_options": {}}, "stream_options"),
+    ({"model": MODEL, "messages": X, "continue_final_message": True}, "continue_final_message"),
+    ({"model": MODEL, "messages": X + [{"role": "assistant", "content": "Sure"}], "continue_final_message": True,
+      "add_generation_prompt": True}, "continue_final_message"),
 ])
 def test_bad_chat_requests_name_the_parameter(client, body, param):
     assert_openai_error(client.post("/v1/chat/completions", json=body), 400, param=param)

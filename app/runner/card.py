@@ -131,10 +131,11 @@ class PromptPace:
 class Job:
     """One generation request: the card thread feeds its events, the request thread reads them."""
 
-    def __init__(self, prompt_ids, max_tokens=None, stop=(), klass=INTERACTIVE, streamed=False):
+    def __init__(self, prompt_ids, max_tokens=None, stop=(), klass=INTERACTIVE, streamed=False, json_value=None):
         self.prompt_ids = list(prompt_ids)
         self.max_tokens = max_tokens
         self.stop = list(stop or ())
+        self.json_value = json_value  # "{" or "[": stop after the first complete JSON value (structured.py)
         self.klass = klass
         self.streamed = streamed      # its text goes to the client as it comes (else all at the end)
         self.enqueued_at = time.monotonic()
@@ -343,13 +344,13 @@ class Card:
             self._thread.join(timeout)
         self.service.stop()
 
-    def submit(self, prompt_ids, max_tokens=None, stop=(), klass=INTERACTIVE, streamed=False):
+    def submit(self, prompt_ids, max_tokens=None, stop=(), klass=INTERACTIVE, streamed=False, json_value=None):
         """Queue a generation; raises CardUnavailable (QueueFull) at once when the card cannot take it."""
         if self._stopping.is_set() or self.state == "stopped":
             raise CardUnavailable("the service is shutting down")
         if self.state == "unavailable":
             raise CardUnavailable(self.reason or "the card is unavailable", self._retry_after())
-        job = Job(prompt_ids, max_tokens, stop, klass, streamed)
+        job = Job(prompt_ids, max_tokens, stop, klass, streamed, json_value)
         evicted = self._queue.put(job, self.options.max_queue)
         if evicted is not None:
             evicted._put(Failed(QueueFull("a person's request took the place of this background request", 5)))
@@ -445,7 +446,7 @@ class Card:
 
         try:
             result = self.runner.generate(job.prompt_ids, max_tokens=job.max_tokens, stop=job.stop,
-                                          on_text=on_text, cancelled=should_stop)
+                                          on_text=on_text, cancelled=should_stop, json_value=job.json_value)
         except RunnerError as exc:
             job._put(Failed(exc))
             self._drop_runner(force=isinstance(exc, RunnerStalled))

@@ -29,7 +29,7 @@ import pexpect
 
 from app.runner import protocol
 from app.runner.errors import CardDead, RunnerDied, RunnerStalled, RunnerStartError
-from app.text import marker_prefix_at_end, printable
+from app.text import JsonScanner, marker_prefix_at_end, printable
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,14 @@ class Generation:
     """One prompt run on the runner: its limits, the output taken so far, its decode log, the caller's
     callbacks, and its timings. The Runner reads the child; this object decides what the bytes mean."""
 
-    def __init__(self, log, decoder, max_tokens, stops, on_text, cancelled, interrupt):
+    def __init__(self, log, decoder, max_tokens, stops, on_text, cancelled, interrupt, json_value=None):
         self.log = log                  # the tokenizer service's record of this prompt's /decode calls
         self.prompt_ids = log.prompt_ids
         self.max_tokens = max_tokens
         self.stops = [s for s in stops if s]
+        # A JSON answer ends with its first complete value ("{" or "[" says which kind): nothing after it
+        # is worth the card's time.
+        self._json = JsonScanner(json_value) if json_value else None
         self._decoder = decoder
         self._on_text = on_text
         self._cancelled = cancelled
@@ -90,6 +93,7 @@ class Generation:
         self._stop_sequence = None
         self._cut_text_at = None
         self._cut_ids_at = None
+        self._json_fed = 0              # chars of text the JSON scanner has seen
         # Timings (monotonic).
         self.started = time.monotonic()
         self.first_id_at = None
@@ -137,16 +141,25 @@ class Generation:
         self._interrupt_runner()
 
     def _apply_stops(self, may_interrupt):
-        if not self.stops or self._cut_text_at is not None:
+        """Cut the text at the first stop string (before it), or after the first complete JSON value."""
+        if self._cut_text_at is not None:
             return
-        # A match can only end in text added since the last emit, so start looking just before it.
-        start = max(0, self._emitted - max(len(s) for s in self.stops))
-        found = min(((at, s) for s in self.stops if (at := self.text.find(s, start)) >= 0), default=None)
-        if found is None:
+        cuts = []  # (where the text is cut, where the match that cut it ends, the stop string or None)
+        if self.stops:
+            # A match can only end in text added since the last emit, so start looking just before it.
+            start = max(0, self._emitted - max(len(s) for s in self.stops))
+            found = min(((at, s) for s in self.stops if (at := self.text.find(s, start)) >= 0), default=None)
+            if found is not None:
+                cuts.append((found[0], found[0] + len(found[1]), found[1]))
+        if self._json is not None:
+            end = self._json.feed(self.text[self._json_fed:])
+            self._json_fed = len(self.text)
+            if end is not None:
+                cuts.append((end, end, None))
+        if not cuts:
             return
-        self._cut_text_at, self._stop_sequence = found
-        # Count the ids up to the one that completed the stop string, as OpenAI and vLLM count them.
-        end = found[0] + len(found[1])
+        self._cut_text_at, end, self._stop_sequence = min(cuts, key=lambda cut: cut[0])
+        # Count the ids up to the one that completed the match, as OpenAI and vLLM count them.
         # (The text past the last id is what the decoder held back and released at the end.)
         self._cut_ids_at = next((i + 1 for i, e in enumerate(self._id_text_end) if e >= end), len(self.ids))
         if may_interrupt and self.reason is None:
@@ -336,20 +349,21 @@ class Runner:
         return f"exit status {self.child.exitstatus}"
 
     # -- the verb -------------------------------------------------------------------------------------
-    def generate(self, prompt_ids, max_tokens=None, stop=(), on_text=None, cancelled=None):
+    def generate(self, prompt_ids, max_tokens=None, stop=(), on_text=None, cancelled=None, json_value=None):
         """Run one prompt. Returns a GenerationResult; raises a RunnerError if the runner fails.
 
         `max_tokens` caps the output ids (None: the window decides); `stop` holds up to 4 strings that end
-        the text before their first match; `on_text(str)` receives the text as it is printed (never past a
-        stop string or the limit, so the pieces join to the result's text); `cancelled()` is polled, and
-        when it turns true the runner is interrupted and freed and the result says "cancelled".
+        the text before their first match; `json_value` ("{" or "[") ends it after the first complete JSON
+        value of that kind; `on_text(str)` receives the text as it is printed (never past a stop or the limit,
+        so the pieces join to the result's text); `cancelled()` is polled, and when it turns true the runner
+        is interrupted and freed and the result says "cancelled".
         """
         if not self.usable:
             raise RunnerDied("the runner is not usable after an earlier failure")
         self.usable = False  # until this generation ends cleanly
         log = self.service.register(prompt_ids)
         generation = Generation(log, self.service.tokenizer.incremental_decoder(), max_tokens, stop, on_text,
-                                cancelled, interrupt=lambda: interrupt(self.child))
+                                cancelled, interrupt=lambda: interrupt(self.child), json_value=json_value)
         try:
             try:
                 self.child.send(log.handle.encode("ascii") + b"\n")

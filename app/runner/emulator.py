@@ -16,7 +16,11 @@ Its answer is deterministic and derived from the conversation it was given:
   max_tokens and window tests);
 - when the system turn offers tools and the last user turn says "call <name> [with <arguments>]" (or asks
   for "the weather in <place> [and <place>]" and a weather tool is offered; see `tool_reply`), it answers
-  with <tool_call> blocks instead; when the last turn hands back tool results, it quotes them.
+  with <tool_call> blocks instead; when the last turn hands back tool results, it quotes them;
+- when the last user turn says "answer with: TEXT", it answers TEXT exactly, whatever it is (structured
+  output tests: JSON valid or not, wrapped in prose or fences, followed by more words);
+- when the prompt ends inside an assistant message (a prefill to continue), it answers
+  " (continued by the emulated runner)".
 
 Environment (the driver sets these from the config's `runner.emulator` section):
   QWEN_EMULATOR_TOKEN_MS    milliseconds per step, prompt and output tokens alike (default 70, like the card)
@@ -160,6 +164,9 @@ class TokenizerClient:
 # -- the reply -----------------------------------------------------------------------------------------
 TURN_RE = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>", re.S)
 COUNT_RE = re.compile(r"count to (\d{1,6})", re.I)
+VERBATIM_RE = re.compile(r"answer with: (.+)\Z", re.S)
+OPEN_ASSISTANT_RE = re.compile(r"<\|im_start\|>assistant\n(?:(?!<\|im_end\|>).)+\Z", re.S)
+CONTINUED = " (continued by the emulated runner)"
 TOOLS_RE = re.compile(r"<tools>\n(.*?)\n</tools>", re.S)
 CALL_RE = re.compile(r"\bcall `?([A-Za-z_][\w.-]*)`?(?: with (.+?))?(?=\s+and call\b|\s*$)", re.S)
 WEATHER_RE = re.compile(r"weather in ([\w .'-]+?)(?:\s+and\s+(?:in\s+)?([\w .'-]+?))?\s*[?.!]*$", re.I)
@@ -213,7 +220,12 @@ def tool_reply(system, last_user):
 
 
 def reply_text(prompt_text):
+    if OPEN_ASSISTANT_RE.search(prompt_text):  # the prompt ends inside an assistant message: a prefill
+        return CONTINUED
     system, last_user = conversation(prompt_text)
+    verbatim = VERBATIM_RE.search(last_user)
+    if verbatim:  # "answer with: TEXT": TEXT exactly (JSON, valid or not, in prose or not)
+        return verbatim.group(1)
     results = RESULT_RE.findall(last_user)
     if results:  # the last turn hands back tool results: answer from them
         return "Emulated runner: the tools answered " + "; ".join(f'"{r}"' for r in results) + "."

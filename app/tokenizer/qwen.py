@@ -47,8 +47,18 @@ class QwenTokenizer:
         return self._tok.apply_chat_template(
             messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def chat_ids(self, messages, tools=None):
-        return self.encode(self.render_chat(messages, tools))
+    def chat_ids(self, messages, tools=None, ending="generate"):
+        """The prompt ids of a conversation. `ending`: "generate" opens the assistant's next turn (the usual
+        prompt); "none" ends after the last message; "continue" leaves the final assistant message open, so
+        that the model goes on with it (a prefill: no end-of-turn token, no new turn)."""
+        text = self.render_chat(messages, tools, add_generation_prompt=ending == "generate")
+        if ending == "continue":
+            end = IM_END + "\n"
+            if not messages or messages[-1].get("role") != "assistant" or not text.endswith(end):
+                raise ValueError("to continue the final message, the conversation must end with an assistant "
+                                 "message")
+            text = text[:-len(end)]
+        return self.encode(text)
 
     def vendor_prompt_ids(self, line):
         """What the vendor's tokenizer script answers for one input line: the default template, one user turn."""
@@ -57,6 +67,10 @@ class QwenTokenizer:
     # -- ids -> text ---------------------------------------------------------------------------
     def decode(self, ids):
         return self._tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_strings(self, ids):
+        """The tokens as the vocabulary spells them (byte-level BPE: "Ġhello" for " hello")."""
+        return self._tok.convert_ids_to_tokens(list(ids))
 
     def token_bytes(self, ids):
         """The exact bytes a list of ids stands for (added tokens as their UTF-8 text)."""
