@@ -208,3 +208,12 @@ def test_tokenize_needs_the_key_when_one_is_set(make_app):
     locked = make_app(server={"api_key": "k"}).test_client()
     assert locked.post("/tokenize", json={"prompt": "x"}).status_code == 401
     assert locked.post("/tokenize", json={"prompt": "x"}, headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+def test_langchains_structured_output(server):
+    from langchain_openai import ChatOpenAI
+    llm = ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model=MODEL, max_retries=0)
+    assert llm.invoke("plain question").content.startswith("Emulated runner")
+    structured = llm.with_structured_output(Place)  # LangChain's default: response_format json_schema
+    place = structured.invoke('answer with: {"city": "Bern", "population": 134000}')
+    assert place == Place(city="Bern", population=134000)
