@@ -9,19 +9,32 @@ that handle returns the ids rendered from the whole conversation. Any other line
 `/decode` answers each live chunk with text that is safe to print (see `IncrementalDecoder`) and records
 every call in the generation's `DecodeLog`, so the driver learns the output ids and the exact bytes the
 runner is about to print.
+
+Connections are bounded in number and in time: each holds a thread and a file descriptor of the worker.
 """
 import json
+import logging
 import secrets
 import socket
 import socketserver
+import struct
 import threading
 import time
 
+from app.runner.deadline_reader import DeadlineReader
+
+log = logging.getLogger(__name__)
 
 HANDLE_PREFIX = "#qwen-chat-request:"
 MAX_BODY = 4 << 20  # a 1024-token prompt line is far below this
 MAX_LINE = 8192
 MAX_HEADERS = 100
+
+# The runner keeps one connection open; a few more leave room for reconnects while old ones close.
+MAX_CONNECTIONS = 8
+REQUEST_SECONDS = 5.0    # a request, once begun, must arrive whole within this (the runner's take < 1 ms)
+IDLE_SECONDS = 60.0      # a kept-alive connection with no request for this long is closed (clients reconnect)
+REFUSAL_LOG_SECONDS = 60.0  # refused connections are logged at most once per this, with a count
 
 
 RETRY_SECONDS = 0.9  # the runner waits 1 s for an answer, then 1 s more before it asks again
@@ -82,13 +95,17 @@ class DecodeLog:
 class TokenizerService:
     """The runner's tokenizer over HTTP, plus the registry of pending prompts."""
 
-    def __init__(self, tokenizer, host="127.0.0.1", port=0):
+    def __init__(self, tokenizer, host="127.0.0.1", port=0, max_connections=MAX_CONNECTIONS,
+                 request_seconds=REQUEST_SECONDS, idle_seconds=IDLE_SECONDS):
         self.tokenizer = tokenizer
         self._pending = {}
         self._current = None
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
         self._server.service = self
+        self._server.max_connections = max_connections
+        self._server.request_seconds = request_seconds
+        self._server.idle_seconds = idle_seconds
         self._thread = None
 
     @property
@@ -151,8 +168,39 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._open = set()            # connections being served
+        self._open_lock = threading.Lock()
+        self._refused = 0             # refused since the last log line
+        self._quiet_until = 0.0
 
-class _Handler(socketserver.StreamRequestHandler):
+    def verify_request(self, request, client_address):
+        """Runs on the accepting thread, before anything is read: only MAX_CONNECTIONS get a thread."""
+        with self._open_lock:
+            if len(self._open) < self.max_connections:
+                self._open.add(request)
+                return True
+        self._refuse(request, f"beyond the cap ({self.max_connections} already open)")
+        return False
+
+    def shutdown_request(self, request):
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
+    def _refuse(self, request, why):
+        # Reset rather than close: no TIME_WAIT left behind, however many connections a caller makes.
+        request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._refused += 1
+        now = time.monotonic()
+        if now >= self._quiet_until:  # a caller that keeps trying must not flood the log
+            log.warning("tokenizer service: refused a connection %s (%d refused since the last such line, which "
+                        "comes at most once a minute)", why, self._refused)
+            self._refused, self._quiet_until = 0, now + REFUSAL_LOG_SECONDS
+
+
+class _Handler(socketserver.BaseRequestHandler):
     """HTTP/1.1 just big enough for the runner's four calls: keep-alive, bodies with a Content-Length.
 
     Not http.server: its per-request header parsing (the email package) was the largest cost on the path
@@ -162,14 +210,17 @@ class _Handler(socketserver.StreamRequestHandler):
     REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
 
     def setup(self):
-        super().setup()
         # Answers are a single small write; never let Nagle hold one back for a delayed ACK.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = DeadlineReader(self.request)
 
     def handle(self):
-        while True:
+        server = self.server
+        while self.reader.wait_for_data(server.idle_seconds):  # else idle too long, or closed
             try:
-                request = self._read_request()
+                request = self._read_request(time.monotonic() + server.request_seconds)
+            except OSError:
+                return  # begun but not finished in time (TimeoutError), or the caller reset the connection
             except ValueError as exc:
                 self._reply(400, {"error": str(exc)}, keep_alive=False)
                 return
@@ -181,8 +232,8 @@ class _Handler(socketserver.StreamRequestHandler):
             if not keep_alive:
                 return
 
-    def _read_request(self):
-        line = self.rfile.readline(MAX_LINE)
+    def _read_request(self, deadline):
+        line = self.reader.readline(MAX_LINE, deadline)
         if not line:
             return None
         parts = line.split()
@@ -191,7 +242,7 @@ class _Handler(socketserver.StreamRequestHandler):
         method, path, version = (part.decode("latin-1") for part in parts)
         length, keep_alive = 0, version == "HTTP/1.1"
         for _ in range(MAX_HEADERS):
-            header = self.rfile.readline(MAX_LINE)
+            header = self.reader.readline(MAX_LINE, deadline)
             if header in (b"\r\n", b"\n", b""):
                 break
             name, _, value = header.partition(b":")
@@ -206,7 +257,7 @@ class _Handler(socketserver.StreamRequestHandler):
             raise ValueError("too many header lines")
         if not 0 <= length <= MAX_BODY:
             raise ValueError("body too large")
-        return method, path, self.rfile.read(length), keep_alive
+        return method, path, self.reader.read(length, deadline), keep_alive
 
     def _dispatch(self, method, path, body):
         service = self.server.service
@@ -240,6 +291,7 @@ class _Handler(socketserver.StreamRequestHandler):
         head = (f"HTTP/1.1 {status} {self.REASONS[status]}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n" + ("" if keep_alive else "Connection: close\r\n"))
         try:
-            self.wfile.write(head.encode("ascii") + b"\r\n" + body)
+            self.request.settimeout(self.server.request_seconds)  # a caller that never reads holds nothing
+            self.request.sendall(head.encode("ascii") + b"\r\n" + body)
         except OSError:
-            pass  # the client went away
+            pass  # the client went away (or stopped reading)
