@@ -70,9 +70,11 @@ def main():
         tmp = Path(tmp)
         command = [sys.executable, "-m", "app.runner.emulator"] + protocol.vendor_flags(str(tmp), service.url)
         runner = Runner(command, service, tmp, env=emulator_env(tokenizer, args.token_ms, tmp / "driver.trace"))
-        bare = pexpect.spawn(command[0], command[1:], cwd=str(tmp), echo=False, timeout=120, use_poll=True,
-                             env=emulator_env(tokenizer, args.token_ms, tmp / "bare.trace"),
-                             preexec_fn=functools.partial(_child_setup, os.getpid()))
+        with service.peers.spawning() as admit:  # the service serves only the processes we spawned
+            bare = pexpect.spawn(command[0], command[1:], cwd=str(tmp), echo=False, timeout=120, use_poll=True,
+                                 env=emulator_env(tokenizer, args.token_ms, tmp / "bare.trace"),
+                                 preexec_fn=functools.partial(_child_setup, os.getpid()))
+            admit(bare.pid)
         bare.delaybeforesend = None
         bare.expect_exact(protocol.READY_PROMPT)
         driver_rates, bare_rates = [], []

@@ -13,7 +13,7 @@ import pexpect
 
 from app.runner import protocol
 from app.runner.driver import _child_setup
-from helpers import EMULATOR, PROJECT_DIR, emulator_env
+from helpers import EMULATOR, PROJECT_DIR, emulator_env, spawn_as_runner
 
 FIXTURE = PROJECT_DIR / "tests" / "fixtures" / "main_axcl_session.log"  # raw bytes from real hardware
 FIXTURE_SAMPLING = {  # the load config the fixture's session printed
@@ -24,10 +24,11 @@ FIXTURE_SAMPLING = {  # the load config the fixture's session printed
 
 
 def spawn(tokenizer, service, cwd, **settings):
-    """The emulator under a pty, as the driver spawns it (no output translation, echo off)."""
-    child = pexpect.spawn(EMULATOR[0], EMULATOR[1:] + protocol.vendor_flags(str(cwd / "model"), service.url),
-                          cwd=str(cwd), env=emulator_env(tokenizer, **settings), echo=False, timeout=20,
-                          preexec_fn=functools.partial(_child_setup, os.getpid()))
+    """The emulator under a pty, as the driver spawns it (no output translation, echo off, admitted)."""
+    child = spawn_as_runner(service, lambda: pexpect.spawn(
+        EMULATOR[0], EMULATOR[1:] + protocol.vendor_flags(str(cwd / "model"), service.url), cwd=str(cwd),
+        env=emulator_env(tokenizer, **settings), echo=False, timeout=20,
+        preexec_fn=functools.partial(_child_setup, os.getpid())))
     child.delaybeforesend = None
     return child
 
@@ -81,10 +82,11 @@ def test_initial_prompt_without_continue_runs_once(tokenizer, service, tmp_path)
     flags = protocol.vendor_flags(str(tmp_path), service.url)
     flags[flags.index("--prompt") + 1] = "say hi"
     flags[flags.index("--continue") + 1] = "0"
-    done = subprocess.run(EMULATOR + flags, cwd=tmp_path, env=emulator_env(tokenizer), capture_output=True,
-                          timeout=30)
-    assert done.returncode == 0
-    assert b'You said: "say hi"' in done.stdout and b"hit eos" in done.stdout
+    proc = spawn_as_runner(service, lambda: subprocess.Popen(
+        EMULATOR + flags, cwd=tmp_path, env=emulator_env(tokenizer), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert b'You said: "say hi"' in stdout and b"hit eos" in stdout
 
 
 def test_empty_line_prompts_again_and_sigint_at_the_prompt_is_harmless(tokenizer, service, tmp_path):
@@ -107,8 +109,9 @@ def cpu_seconds(pid):
 
 def test_end_of_input_spins_without_burning_a_core(tokenizer, service, tmp_path):
     flags = protocol.vendor_flags(str(tmp_path), service.url)
-    proc = subprocess.Popen(EMULATOR + flags, cwd=tmp_path, env=emulator_env(tokenizer), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = spawn_as_runner(service, lambda: subprocess.Popen(
+        EMULATOR + flags, cwd=tmp_path, env=emulator_env(tokenizer), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL))
     try:
         ready = b""
         while not ready.endswith(protocol.READY_PROMPT):

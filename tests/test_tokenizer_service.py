@@ -1,11 +1,22 @@
-"""The tokenizer HTTP service main_axcl calls, over real HTTP."""
+"""The tokenizer HTTP service main_axcl calls, over real HTTP.
+
+These tests call the service from the test process, which they admit as the runner would be admitted (who
+else may call is tests/test_runner_peer.py's subject)."""
 import http.client
 import json
+import os
 import urllib.parse
 
 import pytest
 
 from app.tokenizer import build
+
+
+@pytest.fixture(autouse=True)
+def admitted(service):
+    service.peers.admit(os.getpid())
+    yield
+    service.peers.dismiss(os.getpid())
 
 
 def call(service, method, path, body=None, conn=None):

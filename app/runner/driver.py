@@ -13,6 +13,8 @@ decode log, callbacks and timings live in a `Generation`. The design follows doc
 - Only new bytes are scanned (no regex over an ever-growing buffer), at fixed positions.
 - The pty translates nothing (ONLCR off, echo off) and the runner dies with its parent (PR_SET_PDEATHSIG,
   armed from the long-lived thread that spawns it; see card.py).
+- The tokenizer service serves the runner's process and no other: the Runner admits the pid it spawned, and
+  dismisses it when it closes the runner (see peer.py).
 """
 import ctypes
 import errno
@@ -255,10 +257,13 @@ class Runner:
         self.usable = False
         self._leftover = bytearray()   # bytes read after a prompt, before the next generation
         try:
-            self.child = pexpect.spawn(
-                self.command[0], self.command[1:], cwd=str(cwd), env=env, echo=False, encoding=None,
-                timeout=None, use_poll=True, dimensions=(24, 4000),
-                preexec_fn=functools.partial(_child_setup, os.getpid()))
+            # Only this process may call the tokenizer service; its first calls may come before spawn returns.
+            with service.peers.spawning() as admit:
+                self.child = pexpect.spawn(
+                    self.command[0], self.command[1:], cwd=str(cwd), env=env, echo=False, encoding=None,
+                    timeout=None, use_poll=True, dimensions=(24, 4000),
+                    preexec_fn=functools.partial(_child_setup, os.getpid()))
+                admit(self.child.pid)
         except pexpect.ExceptionPexpect as exc:
             raise RunnerStartError(f"cannot start the runner {self.command[0]}: {exc}") from None
         except OSError as exc:
@@ -550,6 +555,7 @@ class Runner:
             child.close(force=True)
         except pexpect.ExceptionPexpect:
             pass
+        self.service.peers.dismiss(child.pid)
 
     def _exited_within(self, seconds):
         deadline = time.monotonic() + seconds

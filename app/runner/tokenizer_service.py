@@ -10,7 +10,9 @@ that handle returns the ids rendered from the whole conversation. Any other line
 every call in the generation's `DecodeLog`, so the driver learns the output ids and the exact bytes the
 runner is about to print.
 
-Connections are bounded in number and in time: each holds a thread and a file descriptor of the worker.
+Since any call can change a generation, only the runner we spawned is served (`peer.RunnerPeers`: the Runner
+admits its pid), and connections are bounded in number and in time (docs/PROTOCOL.md, "Who may call the
+service").
 """
 import json
 import logging
@@ -22,6 +24,7 @@ import threading
 import time
 
 from app.runner.deadline_reader import DeadlineReader
+from app.runner.peer import RunnerPeers
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,7 @@ class TokenizerService:
     def __init__(self, tokenizer, host="127.0.0.1", port=0, max_connections=MAX_CONNECTIONS,
                  request_seconds=REQUEST_SECONDS, idle_seconds=IDLE_SECONDS):
         self.tokenizer = tokenizer
+        self.peers = RunnerPeers()  # who may call: the Runner admits the pid it spawned
         self._pending = {}
         self._current = None
         self._lock = threading.Lock()
@@ -176,7 +180,13 @@ class _Server(socketserver.ThreadingTCPServer):
         self._quiet_until = 0.0
 
     def verify_request(self, request, client_address):
-        """Runs on the accepting thread, before anything is read: only MAX_CONNECTIONS get a thread."""
+        """Runs on the accepting thread, before anything is read: only the runner's connections, and only as
+        many as MAX_CONNECTIONS, get a thread."""
+        caller = self.service.peers.identify(client_address, request.getsockname())
+        if caller.runner_pid is None:
+            self._refuse(request, f"not owned by the runner (from {client_address[0]}:{client_address[1]}, "
+                                  f"uid {'unknown' if caller.uid is None else caller.uid})")
+            return False
         with self._open_lock:
             if len(self._open) < self.max_connections:
                 self._open.add(request)

@@ -47,3 +47,12 @@ def settings(**sections):
         if name == "runner" and "emulator" in values:
             base[name]["emulator"] = {"token_ms": 0, **values["emulator"]}
     return base
+
+
+def spawn_as_runner(service, start):
+    """Start a process as the Runner starts the runner: admitted by the tokenizer service (which serves nobody
+    else), its first calls waiting for the pid if they come before `start()` returns. Returns the process."""
+    with service.peers.spawning() as admit:
+        process = start()
+        admit(process.pid)
+    return process
