@@ -23,7 +23,8 @@ def call(service, method, path, body=None, conn=None):
     parsed = urllib.parse.urlsplit(service.url)
     conn = conn or http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=5)
     payload = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    conn.request(method, path, body=payload)
+    headers = {} if payload is None else {"Content-Type": "application/json"}  # as the runner sends it
+    conn.request(method, path, body=payload, headers=headers)
     response = conn.getresponse()
     return response.status, json.loads(response.read())
 

@@ -11,8 +11,8 @@ every call in the generation's `DecodeLog`, so the driver learns the output ids 
 runner is about to print.
 
 Since any call can change a generation, only the runner we spawned is served (`peer.RunnerPeers`: the Runner
-admits its pid), and connections are bounded in number and in time (docs/PROTOCOL.md, "Who may call the
-service").
+admits its pid), requests a web page could send are refused, and connections are bounded in number and in
+time (docs/PROTOCOL.md, "Who may call the service").
 """
 import json
 import logging
@@ -210,6 +210,10 @@ class _Server(socketserver.ThreadingTCPServer):
             self._refused, self._quiet_until = 0, now + REFUSAL_LOG_SECONDS
 
 
+class _Refused(Exception):
+    """A well-formed request we will not serve (403)."""
+
+
 class _Handler(socketserver.BaseRequestHandler):
     """HTTP/1.1 just big enough for the runner's four calls: keep-alive, bodies with a Content-Length.
 
@@ -217,7 +221,7 @@ class _Handler(socketserver.BaseRequestHandler):
     every streamed chunk takes (the runner waits for each /decode before it generates on), and the runner's
     requests are tiny and always alike.
     """
-    REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+    REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed"}
 
     def setup(self):
         # Answers are a single small write; never let Nagle hold one back for a delayed ACK.
@@ -231,6 +235,10 @@ class _Handler(socketserver.BaseRequestHandler):
                 request = self._read_request(time.monotonic() + server.request_seconds)
             except OSError:
                 return  # begun but not finished in time (TimeoutError), or the caller reset the connection
+            except _Refused as exc:
+                log.warning("tokenizer service: refused a request on the runner's connection: %s", exc)
+                self._reply(403, {"error": str(exc)}, keep_alive=False)
+                return
             except ValueError as exc:
                 self._reply(400, {"error": str(exc)}, keep_alive=False)
                 return
@@ -251,6 +259,7 @@ class _Handler(socketserver.BaseRequestHandler):
             raise ValueError("malformed request line")
         method, path, version = (part.decode("latin-1") for part in parts)
         length, keep_alive = 0, version == "HTTP/1.1"
+        content_type, from_a_page = None, False
         for _ in range(MAX_HEADERS):
             header = self.reader.readline(MAX_LINE, deadline)
             if header in (b"\r\n", b"\n", b""):
@@ -263,11 +272,22 @@ class _Handler(socketserver.BaseRequestHandler):
                 keep_alive = value == b"keep-alive" or (keep_alive and value != b"close")
             elif name == b"transfer-encoding":
                 raise ValueError("send a Content-Length, not a chunked body")
+            elif name == b"content-type":
+                content_type = value.partition(b";")[0].strip()
+            elif name == b"origin" or name.startswith(b"sec-fetch-"):
+                from_a_page = True  # browsers add these; the runner never sends them
         else:
             raise ValueError("too many header lines")
         if not 0 <= length <= MAX_BODY:
             raise ValueError("body too large")
-        return method, path, self.reader.read(length, deadline), keep_alive
+        body = self.reader.read(length, deadline)
+        # A page on this host can make a browser send requests here: cross-site ones carry Origin (and
+        # Sec-Fetch-*), and a "simple" POST, which needs no CORS preflight, cannot be application/json.
+        if from_a_page:
+            raise _Refused("requests from a web page (Origin or Sec-Fetch-* headers) are not served")
+        if method == "POST" and content_type != b"application/json":
+            raise _Refused("a POST must be Content-Type: application/json")
+        return method, path, body, keep_alive
 
     def _dispatch(self, method, path, body):
         service = self.server.service
