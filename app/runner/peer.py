@@ -65,7 +65,7 @@ def _mapped(ip):
     return bytes(10) + b"\xff\xff" + socket.inet_aton(ip)
 
 
-def _ask_kernel(local, remote, family):
+def lookup_by_netlink(local, remote, family):
     """(inode, uid) of the TCP socket at `local` connected to `remote` (IPv4 (host, port) pairs), by an exact
     sock_diag lookup; None when there is no such socket. Raises OSError when netlink does not answer."""
     if family == socket.AF_INET:
@@ -98,8 +98,8 @@ def _hex_endpoint(ip, port, mapped):
     return f"{words}:{port:04X}"
 
 
-def _read_tcp_table(local, remote, proc):
-    """The same answer as `_ask_kernel`, from /proc/net/tcp and /proc/net/tcp6 (a v4-mapped caller)."""
+def lookup_in_proc_net_tcp(local, remote, proc):
+    """The same answer as `lookup_by_netlink`, from /proc/net/tcp and /proc/net/tcp6 (a v4-mapped caller)."""
     for name, mapped in (("tcp", False), ("tcp6", True)):
         try:
             with open(f"{proc}/net/{name}", "rb") as table_file:
@@ -122,13 +122,13 @@ def caller_socket(peer, ours, proc="/proc"):
     """(inode, uid) of the socket at the other end of our connection from `peer` to `ours`; None when that
     socket is gone. Raises ProcUnreadable when neither netlink nor /proc/net/tcp answers."""
     try:
-        found = _ask_kernel(peer, ours, socket.AF_INET) or _ask_kernel(peer, ours, socket.AF_INET6)
-        if found is not None or _ask_kernel(ours, peer, socket.AF_INET) is not None:
+        found = lookup_by_netlink(peer, ours, socket.AF_INET) or lookup_by_netlink(peer, ours, socket.AF_INET6)
+        if found is not None or lookup_by_netlink(ours, peer, socket.AF_INET) is not None:
             return found  # (our own end was found, so a missing caller is really gone)
     except OSError:
         pass  # no sock_diag in this kernel (or not for TCP): read the table
     try:
-        return _read_tcp_table(peer, ours, proc)
+        return lookup_in_proc_net_tcp(peer, ours, proc)
     except (OSError, ValueError, IndexError) as exc:
         raise ProcUnreadable(f"cannot read {proc}/net/tcp: {exc}") from None
 
