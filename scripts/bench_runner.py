@@ -7,11 +7,16 @@ Both sides drive the same emulated runner with the same prompt through the same 
 bare loop only writes the handle and waits for the end notice with pexpect.expect, the driver does all
 its work (matching every chunk against /decode answers, decoding ids, stop and limit checks). Rounds
 alternate between the two so machine noise hits both alike; medians and the ratio are printed.
+
+The emulator keeps its connection to the service open, so the check of who is calling (once per
+connection, app/runner/peer.py) is not on its path; the last line times what a runner that opened a new
+connection for every call would see.
 """
 import argparse
 import functools
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +56,30 @@ def driver_round(runner, prompt_ids):
     return len(result.ids) / (time.perf_counter() - started), len(result.ids)
 
 
+FRESH_CONNECTIONS = """
+import socket, sys, time
+port, count = int(sys.argv[1]), int(sys.argv[2])
+request = b"GET /eos_id HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nConnection: close\\r\\n\\r\\n"
+for _ in range(count):
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request)
+        while sock.recv(65536):
+            pass
+    print((time.perf_counter() - started) * 1000)
+"""
+
+
+def fresh_connection_ms(service, count):
+    """Round trips of GET /eos_id, each on a new connection, from a process admitted as the runner is."""
+    port = service.url.rsplit(":", 1)[1]
+    with service.peers.spawning() as admit:
+        caller = subprocess.Popen([sys.executable, "-c", FRESH_CONNECTIONS, port, str(count)],
+                                  stdout=subprocess.PIPE, text=True)
+        admit(caller.pid)
+    return [float(line) for line in caller.communicate()[0].split()]
+
+
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
@@ -61,6 +90,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--count", type=int, default=200, help='the prompt asks the emulator to "count to N"')
     parser.add_argument("--token-ms", type=float, default=0.0)
+    parser.add_argument("--connections", type=int, default=500, help="calls timed on a new connection each")
     args = parser.parse_args()
 
     tokenizer = QwenTokenizer(config.load({})["model"]["tokenizer_dir"])
@@ -99,6 +129,9 @@ def main():
     print(f"  /decode round trip seen by the runner during the driver's generations: n={len(decode_ms)}  "
           f"p50 {percentile(decode_ms, 50):.2f} ms  p99 {percentile(decode_ms, 99):.2f} ms  "
           f"max {max(decode_ms):.2f} ms   (goal p99 < 5 ms)")
+    fresh_ms = fresh_connection_ms(service, args.connections)
+    print(f"  a new connection per call (connect, peer check, GET /eos_id, close): n={len(fresh_ms)}  "
+          f"p50 {percentile(fresh_ms, 50):.2f} ms  p99 {percentile(fresh_ms, 99):.2f} ms  max {max(fresh_ms):.2f} ms")
     service.stop()
 
 
