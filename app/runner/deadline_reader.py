@@ -18,11 +18,17 @@ class DeadlineReader:
         self._sock = sock
         self._buffer = bytearray()
 
-    def wait_for_data(self, seconds):
-        """Whether bytes arrive within `seconds` (False: the connection stayed idle, or closed)."""
+    def wait_for_data(self, seconds=None):
+        """Whether bytes arrive within `seconds` (None: however long it takes); False when the connection
+        stayed idle that long, or closed."""
         if self._buffer:
             return True
         try:
+            if seconds is None:
+                self._sock.settimeout(None)
+                data = self._sock.recv(CHUNK)
+                self._buffer += data
+                return bool(data)
             return self._fill(time.monotonic() + seconds)
         except (TimeoutError, OSError):
             return False

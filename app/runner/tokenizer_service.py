@@ -36,7 +36,9 @@ MAX_HEADERS = 100
 # The runner keeps one connection open; a few more leave room for reconnects while old ones close.
 MAX_CONNECTIONS = 8
 REQUEST_SECONDS = 5.0    # a request, once begun, must arrive whole within this (the runner's take < 1 ms)
-IDLE_SECONDS = 60.0      # a kept-alive connection with no request for this long is closed (clients reconnect)
+# Only the runner's own connections get this far, at most MAX_CONNECTIONS of them: an idle one costs a thread
+# and nothing else, and closing it would be a risk (the vendor's runner does not retry a failed /encode).
+IDLE_SECONDS = None      # None: a kept-alive connection of the runner's stays open while it is quiet
 REFUSAL_LOG_SECONDS = 60.0  # refused connections are logged at most once per this, with a count
 
 
