@@ -1,6 +1,7 @@
 """One request's answer from the card, as both APIs serve it: waiting in line, heartbeats, the wall-clock
 limit, clients that go away. Each API only says how to write an answer (an `Answer`); `serve()` is the one
 path every answer takes, whole or streamed."""
+import ipaddress
 import json
 import socket
 import time
@@ -13,6 +14,7 @@ from app.errors import APIError
 from app.requestlog import current_record
 from app.runner.card import INTERACTIVE, Done, Failed, Requeued, Started, Text
 from app.runner.errors import CardUnavailable, QueueFull
+from app.sockets import caller_socket
 
 POLL_SECONDS = 0.25  # how often a waiting request looks for its client having left
 CLIENT_CLOSED = 499  # nginx's code for "the client closed the request": nobody reads the response
@@ -55,8 +57,12 @@ def compact_json(obj):
 def client_probe(environ):
     """A callable telling whether the client closed its connection (gunicorn gives us the socket).
 
-    A peer that closed shows as a readable socket with nothing to read. Peeking consumes nothing, and a
-    client that pipelines its next request just looks present.
+    Peeking consumes nothing, and a client that pipelines its next request just looks present. A reset is a
+    disconnect. End of input is ambiguous: a client that closed its connection, and one that only shut down
+    its sending side after the request (shutdown(SHUT_WR), as some clients and proxies do) both look like
+    that, and only the first is gone. On loopback (nginx in front, or a local client) the kernel tells them
+    apart: a closed socket has no owner left (sockets.py). A remote peer cannot be asked: its end of input
+    counts as gone, as it always did.
     """
     sock = environ.get("gunicorn.socket")
     if sock is None:
@@ -64,12 +70,25 @@ def client_probe(environ):
 
     def gone():
         try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                return False
         except BlockingIOError:
             return False
         except OSError:
             return True
+        return not half_closed(sock)
     return gone
+
+
+def half_closed(sock):
+    """After end of input: whether the client's socket is still open (it only stopped sending)."""
+    try:
+        peer, ours = sock.getpeername()[:2], sock.getsockname()[:2]
+        if not ipaddress.ip_address(peer[0]).is_loopback:
+            return False
+        return caller_socket(peer, ours) is not None
+    except (OSError, ValueError):
+        return False
 
 
 def card_failure(exc):

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import signal
+import socket
 
 import httpx
 import pytest
@@ -99,3 +100,30 @@ def test_a_runner_that_hangs_while_idle_is_replaced_before_anyone_waits(start_se
     wait_for(lambda: server.health()[0] == 200, timeout=20, what="a new runner")
     assert not alive(runner) and server.runner_pids() != [runner]
     assert chat(server, "after the hang").json()["choices"][0]["message"]["content"] == answer_to("after the hang")
+
+
+def half_closing_request(server, body):
+    """Send a request, shut down the sending side (as some clients and proxies do), read the whole answer."""
+    port = int(server.url.rsplit(":", 1)[1])
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    return head.decode(), rest
+
+
+def test_a_client_that_only_stopped_sending_still_gets_its_answer(start_server):
+    server = start_server(runner={"emulator": {"token_ms": 10}})  # slow enough for the probe to look, often
+    question = "half closed, count to 40"
+    head, body = half_closing_request(server, {"model": MODEL, "messages": [{"role": "user", "content": question}]})
+    assert head.startswith("HTTP/1.1 200")
+    assert json.loads(body)["choices"][0]["message"]["content"] == answer_to(question)
+    head, body = half_closing_request(server, {"model": MODEL, "stream": True,
+                                               "messages": [{"role": "user", "content": question}]})
+    assert head.startswith("HTTP/1.1 200") and b"data: [DONE]" in body
+    assert b'"finish_reason":"stop"' in body

@@ -140,7 +140,7 @@ def test_the_runner_reconnects_after_the_service_closed_its_idle_connection(toke
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv4-mapped-ipv6"])
 def test_netlink_and_proc_net_tcp_find_the_same_caller(family):
     # The fallback for a kernel without sock_diag must name the same socket, and the same owner.
-    from app.runner import peer
+    from app import sockets
 
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -155,11 +155,11 @@ def test_netlink_and_proc_net_tcp_find_the_same_caller(family):
             with accepted:
                 ours = accepted.getsockname()
                 inode = int(os.readlink(f"/proc/self/fd/{client.fileno()}")[len("socket:["):-1])
-                assert peer.lookup_by_netlink(caller, ours, family) == (inode, os.geteuid())
-                assert peer.lookup_in_proc_net_tcp(caller, ours, "/proc") == (inode, os.geteuid())
-                assert peer.caller_socket(caller, ours) == (inode, os.geteuid())
+                assert sockets.lookup_by_netlink(caller, ours, family) == (inode, os.geteuid())
+                assert sockets.lookup_in_proc_net_tcp(caller, ours, "/proc") == (inode, os.geteuid())
+                assert sockets.caller_socket(caller, ours) == (inode, os.geteuid())
                 # and the other way round: that is our end, not theirs
-                assert peer.caller_socket(ours, caller)[0] != inode
+                assert sockets.caller_socket(ours, caller)[0] != inode
 
 
 # -- bounds ------------------------------------------------------------------------------------------------
