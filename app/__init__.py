@@ -29,7 +29,7 @@ def create_app(test_config=None):
 
     from app.backend import Backend
     from app.errors import register_error_handlers
-    from app import auth, cors, health, metrics, ollama_api, openai_api, requestlog, tokenize_api
+    from app import auth, cors, health, metrics, ollama_api, openai_api, page, requestlog, tokenize_api
 
     backend = Backend(settings, app.instance_path).start()
     app.extensions["qwen"] = backend
@@ -45,6 +45,7 @@ def create_app(test_config=None):
     app.register_blueprint(openai_api.bp)
     app.register_blueprint(ollama_api.bp)
     app.register_blueprint(tokenize_api.bp)
+    app.register_blueprint(page.bp)
     logging.getLogger(__name__).info("configuration from %s; model %s", settings["source"],
                                      settings["model"]["name"])
     return app

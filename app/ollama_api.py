@@ -1,5 +1,6 @@
 """Ollama's native API (docs/api.md) over the same runner, lock and tokenizer: /api/chat, /api/generate,
-/api/tags, /api/show, /api/ps, /api/version, and `GET /` answering "Ollama is running"."""
+/api/tags, /api/show, /api/ps, /api/version, and the "Ollama is running" answer that app/page.py gives to
+every client of `GET /` but browsers."""
 import hashlib
 import time
 from datetime import datetime, timezone
@@ -276,6 +277,6 @@ def unsupported(what):
     raise APIError(501, f"/api/{what} is not supported by this server: it serves one fixed model on the NPU card")
 
 
-@bp.route("/", methods=["GET", "HEAD"])
-def root():
+def probe_answer():
+    """What Ollama answers on `GET /`: its clients probe it to find a server (app/page.py routes `/`)."""
     return Response("Ollama is running", mimetype="text/plain")
