@@ -261,6 +261,11 @@ def test_stop_frees_the_card_and_the_next_message_works(open_page, slow, screens
     assert "400." not in answer(page).inner_text()
     send(page, "after the stop")
     expect(answer(page)).to_have_text(said("after the stop"))
+    send(page, "count to 300")  # and Escape stops too
+    expect(answer(page)).to_contain_text("1, 2, 3")
+    page.keyboard.press("Escape")
+    expect(page.locator("#card-state")).to_contain_text("Stopped")
+    wait_for(lambda: slow.metric("qwen_chat_card_busy") == 0, timeout=6, what="the card freed by Escape")
 
 
 def test_the_place_in_the_queue_while_another_client_holds_the_card(open_page, slow, screenshots):
