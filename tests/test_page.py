@@ -320,7 +320,7 @@ def test_turns_left_out_to_fit_the_window_are_shown(open_page, fast):
     expect(answer(page, 0)).to_contain_text("You said")
     page.locator(".turn.assistant .copy").first.wait_for()
     assert page.locator("#window-gauge").evaluate("meter => meter.value") == pytest.approx(820, abs=40)
-    expect(page.locator("#window-text")).to_contain_text("nearly full")
+    expect(page.locator("#window-full")).to_have_text("Nearly full: the oldest turns will be left out next.")
     send(page, "and now?")
     expect(answer(page, 1)).to_have_text(said("and now?"))
     expect(page.locator("#dropped")).to_have_text(
@@ -363,8 +363,8 @@ def test_an_api_key_is_asked_for_once_and_remembered(open_page, start_server):
     expect(answer(page)).to_have_text(said("after a change"))
 
 
-def test_a_conversation_too_long_for_the_window_is_a_sentence(open_page, fast):
-    page, watch = open_page(fast)
+def test_a_conversation_too_long_for_the_window_is_a_sentence(open_page, fast, screenshots):
+    page, watch = open_page(fast, color_scheme="light", viewport={"width": 1100, "height": 760})
     watch.expected_errors.append("400")
     text = "word " * 1200
     send(page, text)
@@ -374,6 +374,7 @@ def test_a_conversation_too_long_for_the_window_is_a_sentence(open_page, fast):
     assert_no_json(alert.inner_text())
     expect(message_box(page)).to_have_value(text.strip())  # back in the box, to shorten
     expect(page.locator(".turn.user")).to_have_class(re.compile("withdrawn"))
+    page.screenshot(path=screenshots / "error.png")
 
 
 def test_an_error_event_inside_the_stream_is_a_sentence(open_page, start_server):

@@ -26,6 +26,7 @@ export class CardPanel {
     this.detail = $("card-detail");
     this.gauge = $("window-gauge");
     this.gaugeText = $("window-text");
+    this.gaugeFull = $("window-full");
     this.dropped = $("dropped");
     this.window = WINDOW;
     this.phase = "idle";
@@ -125,8 +126,8 @@ export class CardPanel {
     this.gauge.low = Math.round(this.window / 2);
     this.gauge.high = Math.round(this.window * 0.75);
     this.gauge.value = Math.min(used, this.window);
-    const full = used >= this.gauge.high ? ": nearly full, the oldest turns will be left out next" : "";
-    this.gaugeText.textContent = `${used} of ${this.window} tokens${full}`;
+    this.gaugeText.textContent = `${used} of ${this.window} tokens`;
+    this.gaugeFull.textContent = used >= this.gauge.high ? "Nearly full: the oldest turns will be left out next." : "";
   }
 
   // What the service left out of this request to fit the window (X-Context-Dropped-* headers).

@@ -232,6 +232,7 @@ async function ask(user) {
     }
     if (stopped) note(answer, "Stopped.");
     else showError(answer, error);
+    answer.element.scrollIntoView({ block: "end" });
   } finally {
     if (running === controller) {
       running = null;
@@ -272,7 +273,7 @@ function newChat() {
 
 function autosize() {
   ui.message.style.height = "auto";
-  ui.message.style.height = `${Math.min(ui.message.scrollHeight, 220)}px`;
+  ui.message.style.height = `${Math.min(ui.message.scrollHeight, Math.max(80, window.innerHeight * 0.25))}px`;
 }
 
 // -- the API key --------------------------------------------------------------------------------------------
