@@ -16,8 +16,8 @@ CONTENT_SECURITY_POLICY = "; ".join([
     "default-src 'none'", "script-src 'self'", "style-src 'self'", "img-src 'self'", "connect-src 'self'",
     "manifest-src 'self'", "base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'"])
 
-# Markdown and sanitising libraries that scripts/setup takes from the npm registry (scripts/vendor.py); without
-# them the page shows answers as plain text.
+# Markdown and sanitising libraries that scripts/setup takes from the npm registry (scripts/page_libraries.py);
+# without them the page shows answers as plain text.
 VENDOR_FILES = ("marked.esm.js", "purify.es.js")
 
 

@@ -18,7 +18,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from app.paths import PROJECT_DIR  # noqa: E402
+
 DEST = PROJECT_DIR / "app" / "static" / "vendor"
 REGISTRY = os.environ.get("npm_config_registry") or "https://registry.npmjs.org"
 STAMP = ".pins"  # in DEST: what was extracted there, so that an unchanged set-up does nothing
