@@ -8,7 +8,7 @@ from app.runner.card import Card, CardOptions
 from app.runner.driver import Runner
 from app.runner.tokenizer_service import TokenizerService
 from app.tokenizer.qwen import QwenTokenizer
-from helpers import EMULATOR, LiveServer, emulator_env, settings
+from helpers import EMULATOR, LiveServer, Nginx, emulator_env, settings
 
 
 @pytest.fixture(scope="session")
@@ -96,8 +96,8 @@ def start_server(tmp_path):
     """start_server(runner={...}, ...) -> a healthy LiveServer with those settings; stopped afterwards."""
     servers = []
 
-    def start(wait=True, env=None, **sections):
-        server = LiveServer(tmp_path / f"server{len(servers)}", settings(**sections), env=env)
+    def start(wait=True, env=None, port=0, **sections):
+        server = LiveServer(tmp_path / f"server{len(servers)}", settings(**sections), env=env, port=port)
         servers.append(server)
         return server.wait_healthy() if wait else server
 
@@ -112,3 +112,20 @@ def server(tmp_path_factory):
     server = LiveServer(tmp_path_factory.mktemp("server"), settings()).wait_healthy()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    """nginx(port or [ports], replace={...}) -> a running Nginx with nginx/qwen-chat.conf; stopped afterwards."""
+    started = []
+
+    def start(upstream_ports, replace=None):
+        workdir = tmp_path / f"nginx{len(started)}"
+        workdir.mkdir()
+        ports = [upstream_ports] if isinstance(upstream_ports, int) else upstream_ports
+        started.append(Nginx(workdir, ports, replace))
+        return started[-1]
+
+    yield start
+    for proxy in started:
+        proxy.stop()

@@ -1,23 +1,14 @@
 """What a deployment relies on: the smoke script, the systemd unit, the shell scripts, nginx in front."""
 import json
-import shutil
-import socket
 import subprocess
 import time
 
 import httpx
-import pytest
 
-from helpers import PROJECT_DIR
+from helpers import PROJECT_DIR, free_port
 
 SCRIPTS = ["scripts/setup", "scripts/test", "scripts/serve", "scripts/smoke.sh", "scripts/download_models.sh",
            ".ci/run"]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_smoke_script_passes_against_a_live_server(server):
@@ -63,58 +54,9 @@ def test_shell_scripts_pass_shellcheck():
     assert done.returncode == 0, done.stdout
 
 
-@pytest.fixture
-def nginx(tmp_path):
-    """A real nginx (Debian's) with nginx/qwen-chat.conf, pointed at a given upstream port."""
-    started = []
-
-    def start(upstream_port):
-        port = free_port()
-        site = (PROJECT_DIR / "nginx" / "qwen-chat.conf").read_text()
-        site = site.replace("server 127.0.0.1:8000", f"server 127.0.0.1:{upstream_port}")
-        site = site.replace("    listen 80;\n", f"    listen 127.0.0.1:{port};\n").replace("    listen [::]:80;\n", "")
-        (tmp_path / "qwen-chat.conf").write_text(site)
-        (tmp_path / "nginx.conf").write_text(f"""
-daemon off;
-worker_processes 1;
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log {tmp_path}/access.log;
-    client_body_temp_path {tmp_path}/body;
-    proxy_temp_path {tmp_path}/proxy;
-    fastcgi_temp_path {tmp_path}/fastcgi;
-    uwsgi_temp_path {tmp_path}/uwsgi;
-    scgi_temp_path {tmp_path}/scgi;
-    include {tmp_path}/qwen-chat.conf;
-}}
-""")
-        nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
-        check = subprocess.run([nginx_bin, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-                               capture_output=True, text=True)
-        assert check.returncode == 0, check.stderr
-        proc = subprocess.Popen([nginx_bin, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")])
-        started.append(proc)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nginx did not start"
-                time.sleep(0.02)
-        return f"http://127.0.0.1:{port}"
-
-    yield start
-    for proc in started:
-        proc.terminate()
-        proc.wait(10)
-
-
 def test_streams_pass_nginx_as_they_are_generated(start_server, nginx):
     server = start_server(runner={"emulator": {"token_ms": 40}})
-    front = nginx(int(server.url.rsplit(":", 1)[1]))
+    front = nginx(int(server.url.rsplit(":", 1)[1])).url
     body = {"model": "qwen2.5", "stream": True, "messages": [{"role": "user", "content": "count to 30"}]}
     arrivals = []
     with httpx.Client(timeout=60) as http:
@@ -140,7 +82,7 @@ def test_streams_pass_nginx_as_they_are_generated(start_server, nginx):
 
 def test_errors_through_nginx_stay_json(start_server, nginx):
     server = start_server()
-    front = nginx(int(server.url.rsplit(":", 1)[1]))
+    front = nginx(int(server.url.rsplit(":", 1)[1])).url
     too_big = httpx.post(front + "/v1/chat/completions", content=b"x" * (2 << 20),
                          headers={"Content-Type": "application/json"})
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"

@@ -57,9 +57,10 @@ def free_port():
 
 
 class LiveServer:
-    """gunicorn running scripts/gunicorn.conf.py on a free port, with its own config and instance folder."""
+    """gunicorn running scripts/gunicorn.conf.py on a free port (or `port`), with its own config and instance
+    folder."""
 
-    def __init__(self, workdir, config_settings, env=None):
+    def __init__(self, workdir, config_settings, env=None, port=0):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "config.yaml"
@@ -68,7 +69,7 @@ class LiveServer:
         self.env = dict(os.environ, QWEN_CHAT_CONFIG=str(self.config_path),
                         QWEN_CHAT_INSTANCE=str(self.workdir / "instance"), **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", "scripts/gunicorn.conf.py", "--bind", "127.0.0.1:0"],
+            [sys.executable, "-m", "gunicorn", "--config", "scripts/gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"],
             cwd=PROJECT_DIR, env=self.env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
         self.url = "http://127.0.0.1:%d" % self._wait_for_port()
 
