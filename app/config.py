@@ -54,6 +54,9 @@ class ServerConfig(_Strict):
     threads = fields.Integer(load_default=64, validate=validate.Range(2, 1024))
     max_body_bytes = fields.Integer(load_default=1 << 20, validate=validate.Range(1024, 1 << 30))
     max_queue = fields.Integer(load_default=32, validate=validate.Range(1, 10000))
+    request_timeout = fields.Float(load_default=10.0, validate=validate.Range(min=0, min_inclusive=False))
+    max_connections = fields.Integer(load_default=256, validate=validate.Range(8, 65536))
+    max_partial_requests = fields.Integer(load_default=64, validate=validate.Range(min=1))
     queue_timeout = fields.Float(load_default=300.0, validate=validate.Range(min=0, min_inclusive=False))
     api_key = fields.Raw(load_default=None)
     cors_origins = fields.List(fields.String(), load_default=list)
@@ -65,6 +68,17 @@ class ServerConfig(_Strict):
         if data.get("max_queue", 0) > data.get("threads", 0) - 4:
             raise ValidationError(f"must be at most threads - 4 ({data.get('threads', 0) - 4}): each waiting "
                                   "request holds a thread, and /health must still be answered", "max_queue")
+
+    @validates_schema
+    def _room_for_connections(self, data, **kwargs):
+        # Every thread serves a connection; partly received requests must leave room for whole ones.
+        connections = data.get("max_connections", 0)
+        if data.get("threads", 0) >= connections:
+            raise ValidationError(f"must be more than threads ({data.get('threads')}): each thread serves a "
+                                  "connection, and others wait for their next request", "max_connections")
+        if data.get("max_partial_requests", 0) >= connections:
+            raise ValidationError(f"must be less than max_connections ({connections}): requests that arrive "
+                                  "whole must still find a connection", "max_partial_requests")
 
     @validates_schema
     def _api_key(self, data, **kwargs):

@@ -19,8 +19,12 @@ bind = [f"{_server['host']}:{_server['port']}"]
 # One card takes one runner, so one worker process. Its threads carry the requests waiting for the card
 # (and /health, which never waits).
 workers = 1
-worker_class = "gthread"
+# gunicorn's gthread worker, reading each request whole in its event loop before a thread takes it: a slow
+# or silent client holds no thread (app/http_worker.py).
+worker_class = "app.http_worker.WholeRequestWorker"
 threads = _server["threads"]
+# Open connections: served, arriving, kept alive or closing (systemd's LimitNOFILE leaves room for them).
+worker_connections = _server["max_connections"]
 # With gthread, `timeout` is the worker's heartbeat to the master, not a limit on a request: streams of
 # several minutes are fine. graceful_timeout bounds how long a stop waits for the running generation.
 timeout = 120
