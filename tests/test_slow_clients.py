@@ -1,5 +1,5 @@
-"""Slow, silent and pipelining clients against a real gunicorn: a request costs a thread only once it has arrived
-whole (app/http_worker.py)."""
+"""Slow, silent and pipelining clients against a real gunicorn (and a real nginx): a request costs a thread only
+once it has arrived whole (app/http_worker.py)."""
 import json
 import select
 import socket
@@ -224,3 +224,47 @@ def test_a_chunked_body_is_read_whole(start_server):
     too_big = httpx.post(server.url + "/v1/chat/completions", content=pieces(b"x" * 8192),
                          headers={"Content-Type": "application/json"}, timeout=10)
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+
+
+# -- behind nginx --------------------------------------------------------------------------------------------
+SHORT_NGINX = {"client_header_timeout 10s;": "client_header_timeout 2s;",
+               "client_body_timeout 10s;": "client_body_timeout 2s;"}
+
+
+def test_nginx_passes_a_slow_body_on_only_once_it_is_whole(start_server, nginx):
+    server = start_server(server={**SMALL, "request_timeout": 2})
+    front = nginx(int(server.url.rsplit(":", 1)[1]), replace=SHORT_NGINX)
+    # Slower in all than the service allows (2 s), but never pausing as long as nginx allows (2 s).
+    dribbler = Dribbler(front.url, head(), BODY, pace=0.05)
+    assert httpx.get(front.url + "/health", timeout=TIMEOUT).status_code == 200
+    arriving = []
+
+    def body_sent():
+        arriving.append(server.metric("qwen_chat_requests_arriving"))
+        return dribbler.sent == len(BODY)
+
+    wait_for(body_sent, 30, "the whole body sent")
+    dribbler.join()
+    assert dribbler.status == 200, dribbler.answer
+    assert dribbler.json()["choices"][0]["message"]["content"] == said("slowly")
+    # The service never saw the request in part: nginx sent it whole.
+    assert len(arriving) > 10 and set(arriving) == {0.0}
+    assert server.metric("qwen_chat_requests_refused_total", status="408") == 0
+
+
+def test_nginx_drops_a_stalled_request_before_the_service_sees_it(start_server, nginx):
+    server = start_server(server=SMALL)
+    front = nginx(int(server.url.rsplit(":", 1)[1]), replace=SHORT_NGINX)
+    stalled = [Dribbler(front.url, head()[:40]), Dribbler(front.url, head() + BODY[:10])]
+    assert httpx.get(front.url + "/health", timeout=TIMEOUT).status_code == 200
+    arriving = []
+
+    def dropped():
+        arriving.append(server.metric("qwen_chat_requests_arriving"))
+        return all(d.closed_at for d in stalled)
+
+    wait_for(dropped, 3 * TIMEOUT, "nginx to drop both stalled clients")
+    assert [d.status for d in stalled] == [None, None], [d.answer for d in stalled]
+    assert len(arriving) > 10 and set(arriving) == {0.0}
+    with pytest.raises(KeyError):  # no POST ever reached the app
+        server.metric("qwen_chat_requests_total", method="POST")
