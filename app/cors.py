@@ -1,9 +1,13 @@
-"""CORS for browser clients, off by default: server.cors_origins lists the allowed origins ("*" for any)."""
+"""CORS for browser clients, off by default: server.cors_origins lists the allowed origins ("*" for any). A
+web page from anywhere else may not POST here."""
 import re
+from urllib.parse import urlsplit
 
 from flask import current_app, request
 
 from app import requestlog
+from app.errors import APIError
+from app.text import printable
 
 ALLOWED_HEADERS = "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project"
 # The headers a preflight may ask for and get, as llama.cpp and Ollama effectively allow: what a configured
@@ -21,6 +25,23 @@ def _allowed_origin():
     if "*" in origins:
         return "*"
     return origin if origin in origins else None
+
+
+def same_host(origin):
+    """Whether a browser's Origin is this service's own host (the chat page), whatever port nginx shows."""
+    return urlsplit(origin).hostname == urlsplit(f"//{request.host}").hostname
+
+
+def refuse_foreign_pages():
+    """A web page on any site can make a visitor's browser POST here (a text/plain body needs no CORS
+    preflight) and spend the card's time, even where the answer cannot be read. Browsers say where such a
+    request comes from: a POST whose Origin is neither this host nor one of server.cors_origins is refused.
+    Clients that are not browsers send no Origin and are not affected."""
+    origin = request.headers.get("Origin")
+    if request.method != "POST" or not origin or _allowed_origin() is not None or same_host(origin):
+        return None
+    raise APIError(403, f"Requests from web pages at {printable(origin[:100])} are not allowed; add the origin to "
+                   "server.cors_origins to allow them.", type="permission_error", code="origin_not_allowed")
 
 
 def preflight():
@@ -53,4 +74,5 @@ def add_headers(response):
 def init_app(app):
     """Register before the API key check: a preflight never carries the Authorization header."""
     app.before_request(preflight)
+    app.before_request(refuse_foreign_pages)
     app.after_request(add_headers)

@@ -4,6 +4,7 @@ import json
 
 from flask import request
 from jinja2 import TemplateError
+from werkzeug.exceptions import HTTPException
 
 from app.errors import APIError
 from app.requestlog import current_record
@@ -29,7 +30,14 @@ def read_body(schema, example):
 def read_json(example):
     """The body as a JSON object, whatever Content-Type the client claimed (curl -d sends a form type)."""
     try:
-        data = json.loads(request.get_data(cache=True))
+        body = request.get_data(cache=True)
+    except HTTPException:
+        raise  # 413: larger than server.max_body_bytes
+    except Exception:  # the server's parser gave up on the body's framing (a bad chunk size, say): not our bug
+        raise APIError(400, "The request body could not be read: its framing (Content-Length or chunks) is "
+                       "broken.", code="invalid_body") from None
+    try:
+        data = json.loads(body)
     except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
         raise APIError(400, f"The request body is not valid JSON. Send a JSON object, e.g. {example}.",
                        code="invalid_json") from None

@@ -72,7 +72,7 @@ class OllamaAnswer(Answer):
         self.field = field
         self.received = received
         self.json_format = json_format  # `format`: the answer is its JSON value only, validated (structured.py)
-        self.parser = StructuredText(json_format) if json_format else output_parser(tools)
+        self.parser = StructuredText(json_format, tools) if json_format else output_parser(tools)
         self.extra = extra
         self.calls = 0
 
@@ -116,17 +116,16 @@ class OllamaAnswer(Answer):
 
     def closing(self, result):
         if self.json_format:
-            self.parser.check()  # raises APIError: the stream ends with an error line, not a done one
+            self.parser.check(result.finish_reason)  # APIError: the stream ends with an error line, not done
         return self._lines(self.parser.finish()) + line(self._final(result))
 
     def error(self, error):
         return line(error.ollama_body())
 
     def whole(self, result):
+        content, calls = collect(self.parser, result.text)
         if self.json_format:
-            content, calls = self.json_format.value(result.text), []
-        else:
-            content, calls = collect(self.parser, result.text)
+            content = self.parser.check(result.finish_reason) or content
         return jsonify(self._final(result, content, calls))
 
 
@@ -166,8 +165,9 @@ def chat():
     prompt_ids = chat_prompt_ids(backend, messages, tools, max_tokens=limit, window=window(options),
                                  instruction=fmt.instruction() if fmt else None, ending=ending)
     klass = backend.request_class(request.headers, messages, body["model"])
+    # The card stops after a JSON value, unless tools are offered: a tool call is JSON too.
     run = CardRun.for_request(prompt_ids, limit, options.get("stop", []), klass, body["stream"],
-                              json_value=fmt.opener if fmt else None)
+                              json_value=fmt.opener if fmt and not tools else None)
     answer = OllamaAnswer(run, body["model"], "message", received, tool_names(body["tools"]), json_format=fmt)
     return serve(run, answer, body["stream"])
 

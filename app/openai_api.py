@@ -123,8 +123,9 @@ def chat_completions():
     prompt_ids = chat_prompt_ids(backend, messages, tools, named, instruction, max_tokens,
                                  instruction=fmt.instruction() if fmt else None, ending=ending)
     klass = backend.request_class(request.headers, messages, body["model"])
+    # The card stops after a JSON value, unless tools are offered: a tool call is JSON too.
     run = CardRun.for_request(prompt_ids, max_tokens, body["stop"], klass, body["stream"],
-                              json_value=fmt.opener if fmt else None)
+                              json_value=fmt.opener if fmt and not tools else None)
     answer = ChatAnswer(backend, names, choice, include_usage(body), body["return_progress"], fmt)
     return serve(run, answer, body["stream"], progress=body["return_progress"])
 
@@ -186,7 +187,7 @@ class ChatAnswer(OpenAIAnswer):
         self.with_usage = with_usage
         self.with_progress = with_progress
         self.json_format = json_format  # a JSON answer: its value only, validated (structured.py)
-        self.parser = StructuredText(json_format) if json_format else output_parser(tools)
+        self.parser = StructuredText(json_format, tools) if json_format else output_parser(tools)
         self.calls = 0
         self.content_chunk = TextChunks(self._chunk_body({"content": TextChunks.PLACEHOLDER}))
 
@@ -203,10 +204,9 @@ class ChatAnswer(OpenAIAnswer):
         return result.finish_reason
 
     def whole(self, result):
+        content, calls = collect(self.parser, result.text)
         if self.json_format:
-            content, calls = self.json_format.value(result.text), []
-        else:
-            content, calls = collect(self.parser, result.text)
+            content = self.parser.check(result.finish_reason) or content
         message = {"role": "assistant", "content": content if content or not self.tools else None,
                    "refusal": None}
         if calls:
@@ -255,7 +255,7 @@ class ChatAnswer(OpenAIAnswer):
     def closing(self, result):
         out = self._events(self.parser.finish())
         if self.json_format:
-            self.parser.check()  # raises APIError: the stream ends with an error event, not a finish
+            self.parser.check(result.finish_reason)  # APIError: the stream ends with an error event, not a finish
         last = self._chunk_body({}, self.finish_reason(result, self.calls > 0))
         if self.with_progress:
             last["timings"] = self.timings(result)

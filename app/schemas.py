@@ -171,6 +171,10 @@ class ChatCompletionRequest(OpenAIRequest):
             if not messages or messages[-1]["role"] != "assistant" or messages[-1].get("tool_calls"):
                 raise ValidationError("`continue_final_message` needs the conversation to end with an assistant "
                                       "message (without tool calls) to continue.", "continue_final_message")
+            if (data.get("response_format") or {}).get("type", "text") != "text":
+                # The continuation would be checked as a whole answer, without the start it continues.
+                raise ValidationError("`continue_final_message` cannot be combined with a JSON `response_format`.",
+                                      "continue_final_message")
         if data.get("functions") or data.get("function_call"):
             raise ValidationError("The legacy `functions` API is not supported; use `tools`.", "functions")
         if data.get("modalities") and set(data["modalities"]) != {"text"}:

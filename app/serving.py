@@ -158,9 +158,10 @@ class CardRun:
         except CardUnavailable as exc:
             raise card_failure(exc) from None
 
-    def waiting(self):
-        """After submit(), until the card takes the job: Queued whenever its place in line changes, Heartbeat
-        after a quiet spell. Raises APIError (a failed card, the queue timeout) or ClientGone."""
+    def waiting(self, report=True):
+        """After submit() (or a preemption), until the card takes the job: Queued whenever its place in line
+        changes (if `report`), Heartbeat after a quiet spell. Raises APIError (a failed card, the queue
+        timeout) or ClientGone."""
         card = self.backend.card
         deadline = time.monotonic() + self.queue_timeout
         last_place, last_event = None, time.monotonic()
@@ -172,8 +173,8 @@ class CardRun:
                 return
             if isinstance(event, Failed):
                 raise card_failure(event.error)
-            position = card.position(self.job)
-            place = (position, tuple(card.queue_depths().items()))
+            position = card.position(self.job) if report else None
+            place = (position, tuple(card.queue_depths().items()) if report else ())
             if position is not None and place != last_place:
                 last_place, last_event = place, now
                 yield Queued(position, self.klass, dict(place[1]))
@@ -204,7 +205,6 @@ class CardRun:
         started = time.monotonic()
         last_event = started
         next_probe = started + POLL_SECONDS
-        running = True  # False while a preempted job waits again
         reading = progress  # the card is (as far as we know) reading the prompt, and progress is wanted
         estimate = PromptEstimate(len(self.prompt_ids), self.backend.card.seconds_per_prompt_token())
         while True:
@@ -213,14 +213,15 @@ class CardRun:
             if isinstance(event, Failed):
                 raise card_failure(event.error)
             if isinstance(event, Requeued):
-                running, reading = False, False
                 if self.record is not None:
                     self.record.ttft = None  # the text of the interrupted run was never the client's
-            if isinstance(event, Started):
-                self._started()
-                running, started = True, now  # the wall-clock limit counts this run
+                # In line again, as long as any request may wait (server.queue_timeout); then from the start:
+                # the wall-clock limit and the prompt's progress count the new run.
+                yield from self.waiting(report=progress)
+                started = last_event = time.monotonic()
                 reading = progress
                 estimate = PromptEstimate(len(self.prompt_ids), self.backend.card.seconds_per_prompt_token())
+                continue
             if reading and isinstance(event, (Text, Done)):
                 reading = False
                 yield estimate.done(now - started)
@@ -244,7 +245,7 @@ class CardRun:
                 if self.client_gone():
                     self.job.cancel()
                     raise ClientGone()
-            if running and not self.timed_out and now - started > self.wall_timeout:
+            if not self.timed_out and now - started > self.wall_timeout:
                 self.timed_out = True
                 self.job.cancel()
             if now - last_event >= self.heartbeat:

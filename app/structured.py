@@ -15,15 +15,24 @@ import jsonschema
 
 from app.errors import APIError
 from app.text import JsonScanner
+from app.tools import ToolCallParser
 
 
 def schema_error(schema):
-    """Why `schema` is not a usable JSON Schema, or None."""
+    """Why `schema` is not a usable JSON Schema for an answer, or None. The card is stopped at the end of a JSON
+    object or array, so the top level must be one of those."""
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         return exc.message
+    if top_level_types(schema) and not top_level_types(schema) & {"object", "array"}:
+        return "its top level must be an object or an array"
     return None
+
+
+def top_level_types(schema):
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    return {kind} if isinstance(kind, str) else set(kind) if isinstance(kind, list) else set()
 
 
 class JsonFormat:
@@ -32,8 +41,8 @@ class JsonFormat:
     def __init__(self, schema=None, name=None):
         self.schema = schema
         self.name = name
-        top = (schema or {}).get("type") if isinstance(schema, dict) else None
-        self.opener = "[" if top == "array" else "{"
+        top = top_level_types(schema)
+        self.opener = "[" if "array" in top and "object" not in top else "{"
 
     def instruction(self):
         """The system turn that asks for it. Compact: no titles, no "$schema", minimal separators."""
@@ -75,26 +84,50 @@ def invalid_output(why):
                     code="invalid_model_output")
 
 
+# Keywords whose value maps names (of properties, definitions...) to schemas: "title" there is a name.
+NAMED_SCHEMAS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# Keywords whose value is data, not schema: left as it is.
+DATA = ("default", "examples", "const", "enum")
+
+
 def _compact(schema):
-    """The schema without what only documents it for people (titles, $schema)."""
-    if isinstance(schema, dict):
-        return {k: _compact(v) for k, v in schema.items() if k not in ("title", "$schema")}
+    """The schema without what only documents it for people: the "title" and "$schema" keywords (never a
+    property that happens to be called "title")."""
     if isinstance(schema, list):
         return [_compact(v) for v in schema]
-    return schema
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("title", "$schema"):
+            continue
+        if key in NAMED_SCHEMAS and isinstance(value, dict):
+            out[key] = {name: _compact(sub) for name, sub in value.items()}
+        else:
+            out[key] = value if key in DATA else _compact(value)
+    return out
 
 
 class StructuredText:
-    """The tool-call parser's interface for a JSON answer (feed/finish -> ("content", text) events): streams
-    the value's text only, dropping prose or a fence before it and anything after it."""
+    """The tool-call parser's interface (feed/finish -> events) for a JSON answer.
 
-    def __init__(self, json_format):
+    Without tools, it streams the value's text only, dropping prose or a fence before it and anything after
+    it. With tools offered too, tool calls come first: the answer goes through the tool-call parser as usual,
+    and only an answer without calls must be the JSON asked for. check() says whether the answer is what was
+    asked for (an answer cut by a length limit is not held to it: its finish_reason says so, as OpenAI's does).
+    """
+
+    def __init__(self, json_format, tool_names=()):
         self.format = json_format
+        self._tools = ToolCallParser(tool_names) if tool_names else None
         self._scanner = json_format.scanner()
-        self._text = ""
+        self._text = ""      # everything fed (without tools), or the content outside tool calls (with)
         self._passed = 0
+        self._called = False
 
     def feed(self, text):
+        if self._tools is not None:
+            return self._note(self._tools.feed(text))
         self._text += text
         self._scanner.feed(text)
         if self._scanner.start is None:
@@ -105,8 +138,19 @@ class StructuredText:
         return [("content", self._text[begin:end])] if end > begin else []
 
     def finish(self):
-        return []
+        return self._note(self._tools.finish()) if self._tools is not None else []
 
-    def check(self):
-        """Raises APIError when what was streamed is not the JSON the request asked for."""
-        self.format.value(self._text)
+    def _note(self, events):
+        for kind, value in events:
+            if kind == "content":
+                self._text += value
+            else:
+                self._called = True
+        return events
+
+    def check(self, finish_reason):
+        """The answer's JSON text once it is whole; None when a tool was called or a limit cut the answer.
+        Raises APIError (502) when the answer is not the JSON the request asked for."""
+        if self._called or finish_reason == "length":
+            return None
+        return self.format.value(self._text)

@@ -127,3 +127,29 @@ def test_a_client_that_only_stopped_sending_still_gets_its_answer(start_server):
                                                "messages": [{"role": "user", "content": question}]})
     assert head.startswith("HTTP/1.1 200") and b"data: [DONE]" in body
     assert b'"finish_reason":"stop"' in body
+
+
+def test_a_web_page_elsewhere_cannot_spend_the_cards_time(client):
+    # A text/plain POST needs no CORS preflight: any page a visitor opens could send one. Browsers say where it
+    # comes from; only this host (the chat page) and server.cors_origins may.
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "from a page"}]})
+    foreign = client.post("/v1/chat/completions", data=body, content_type="text/plain",
+                          headers={"Origin": "http://evil.example"})
+    assert foreign.status_code == 403 and foreign.get_json()["error"]["code"] == "origin_not_allowed"
+    ollama = client.post("/api/generate", data=body, headers={"Origin": "https://evil.example"})
+    assert ollama.status_code == 403 and isinstance(ollama.get_json()["error"], str)
+    own = client.post("/v1/chat/completions", data=body, content_type="text/plain",
+                      headers={"Origin": "http://localhost:8080", "Host": "localhost"})
+    assert own.status_code == 200  # the chat page, here behind nginx on another port
+    assert client.get("/v1/models", headers={"Origin": "http://evil.example"}).status_code == 200  # unreadable
+    assert client.post("/v1/chat/completions", data=body).status_code == 200  # not a browser: no Origin
+
+
+def test_a_broken_chunked_body_is_a_400(start_server):
+    server = start_server()
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: application/json\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]

@@ -217,3 +217,46 @@ def test_langchains_structured_output(server):
     structured = llm.with_structured_output(Place)  # LangChain's default: response_format json_schema
     place = structured.invoke('answer with: {"city": "Bern", "population": 134000}')
     assert place == Place(city="Bern", population=134000)
+
+
+def test_tools_and_a_json_format_together(client):
+    # A tool call is JSON too: with tools offered, calls come first, and only an answer without one must be the
+    # JSON asked for.
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    body = {"model": MODEL, "tools": [weather], "response_format": {"type": "json_object"},
+            "messages": [{"role": "user", "content": 'call get_weather with {"location": "Oslo"}'}]}
+    answer = client.post("/v1/chat/completions", json=body).get_json()["choices"][0]
+    assert answer["finish_reason"] == "tool_calls" and answer["message"]["tool_calls"][0]["function"]["name"] == \
+        "get_weather"
+    body["messages"] = [{"role": "user", "content": 'answer with: Sure: {"sky": "blue"} there'}]
+    answer = client.post("/v1/chat/completions", json=body).get_json()["choices"][0]
+    assert answer["message"]["content"] == '{"sky": "blue"}' and answer["finish_reason"] == "stop"
+
+
+def test_a_json_answer_cut_by_max_tokens_is_a_length_finish_not_an_error(client):
+    # As OpenAI answers it (and openai's parse() raises LengthFinishReasonError): retrying cannot help.
+    body = {"model": MODEL, "max_tokens": 4, "response_format": {"type": "json_object"},
+            "messages": [{"role": "user", "content": 'answer with: {"city": "Paris", "people": 2100000}'}]}
+    response = client.post("/v1/chat/completions", json=body)
+    choice = response.get_json()["choices"][0]
+    assert response.status_code == 200 and choice["finish_reason"] == "length"
+    assert '{"city": "Paris", "people": 2100000}'.startswith(choice["message"]["content"])
+
+
+def test_a_property_called_title_stays_in_the_instruction():
+    from app.structured import JsonFormat
+    schema = {"title": "Note", "type": "object", "required": ["title"],
+              "properties": {"title": {"title": "Title", "type": "string"}}}
+    assert '"properties":{"title":{"type":"string"}}' in JsonFormat(schema).instruction()
+    assert '"Note"' not in JsonFormat(schema).instruction()
+
+
+@pytest.mark.parametrize("body", [
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "string"}}}},
+    {"response_format": {"type": "json_object"}, "continue_final_message": True,
+     "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "{"}]},
+])
+def test_json_requests_that_cannot_be_honoured_are_400s(client, body):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], **body}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.get_json()

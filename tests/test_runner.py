@@ -300,3 +300,17 @@ def test_a_stop_string_completed_by_a_held_back_character(runner, tokenizer):
     result, _ = generate(runner, ids, max_tokens=cut, stop=["\ufffd"])
     assert result.finish_reason == "stop" and "\ufffd" not in result.text
     assert len(result.ids) == cut
+
+
+def test_a_cancel_that_comes_before_the_run_starts_still_stops_it(make_runner, tokenizer, tmp_path):
+    # The runner clears its stop flag when a run starts: a SIGINT sent right after the handle line, before
+    # that, was lost, and the generation ran to its end. The driver sends it again until the end notice comes.
+    trace = tmp_path / "trace"
+    runner = make_runner(token_ms=2, trace=trace)
+    ids = prompt_ids(tokenizer, "count to 300")
+    for _ in range(20):
+        result = runner.generate(ids, cancelled=lambda: True)
+        assert result.finish_reason == "cancelled"
+    decodes = sum(line.startswith("decode ") for line in trace.read_text().splitlines())
+    assert decodes <= 20 * 3  # a run to the end makes ~300 of them (a chunk of 3 ids each, then one more)
+    assert generate(runner, prompt_ids(tokenizer, "after"))[0].text == said("after")

@@ -210,3 +210,14 @@ def test_open_webui_pattern_through_gunicorn(start_server):
     assert server.metric("qwen_chat_preemptions_total") == 1
     assert server.metric("qwen_chat_card_requests_total", request_class="background") == 1
     assert "class=background" in server.log() and "class=interactive" in server.log()
+
+
+def test_a_runner_figure_that_is_not_a_number_leaves_the_pace_alone():
+    from app.runner.card import PromptPace
+    from app.runner.driver import GenerationResult
+    pace = PromptPace(0.07)
+    for figure in (float("nan"), float("inf"), 0.0):
+        pace.observe(GenerationResult("", [], "cancelled", prompt_tokens=40, runner_tokens_per_second=figure))
+    assert pace.seconds_per_token == 0.07
+    pace.observe(GenerationResult("x", [1], "stop", prompt_tokens=40, prompt_seconds=4.2))
+    assert pace.seconds_per_token == pytest.approx(0.1)

@@ -16,6 +16,7 @@ Failed at any point; Requeued when it was preempted (Started comes again when it
 import collections
 import fcntl
 import logging
+import math
 import os
 import queue
 import threading
@@ -121,7 +122,7 @@ class PromptPace:
             measured = 1.0 / result.runner_tokens_per_second
         else:
             return
-        if measured <= 0:
+        if not math.isfinite(measured) or measured <= 0:
             return
         weight = self.WEIGHT if self._measured else 1.0
         self.seconds_per_token += weight * (measured - self.seconds_per_token)
@@ -202,6 +203,8 @@ class JobQueue:
         background one (returned, for its requester to be told), and anything else raises QueueFull: a
         person is never turned away for background work."""
         with self._changed:
+            if self.closed:
+                raise CardUnavailable("the service is shutting down")
             evicted = None
             if limit is not None and len(self) >= limit:
                 if job.klass == BACKGROUND or not self._lines[BACKGROUND]:
@@ -214,8 +217,11 @@ class JobQueue:
             return evicted
 
     def requeue(self, job):
-        """Put a preempted job back at the head of its class: it keeps its place."""
+        """Put a preempted job back at the head of its class: it keeps its place (unless it gave up
+        meanwhile: Job.cancel() found it in no line, so it must not go back in one)."""
         with self._changed:
+            if job.cancelled:
+                return
             job._waiting_in = self
             self._lines[job.klass].appendleft(job)
             self._changed.notify()

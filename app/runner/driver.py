@@ -20,6 +20,7 @@ import ctypes
 import errno
 import functools
 import logging
+import math
 import os
 import select
 import signal
@@ -36,6 +37,7 @@ from app.text import JsonScanner, marker_prefix_at_end, printable
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05          # how often a quiet generation checks for cancellation and stalls
+REINTERRUPT_SECONDS = 0.3    # an interrupt not followed by the end notice within this is sent again
 PREFILL_SECONDS_PER_TOKEN = 0.25  # prompt tokens are fed one per step (~70 ms on the card); allow 3.5x that
 CLOSE_GRACE_SECONDS = 5.0
 READ_SIZE = 65536
@@ -92,6 +94,7 @@ class Generation:
         self._truncated = False         # ids were dropped at max_tokens
         # Why it ended early: set when we interrupt ("length", "stop" or "cancelled").
         self.reason = None
+        self._interrupted_at = None
         self._stop_sequence = None
         self._cut_text_at = None
         self._cut_ids_at = None
@@ -125,21 +128,33 @@ class Generation:
         self._emit(final=False)
 
     def check_limits(self):
-        """Interrupt the runner when the client has gone or max_tokens is reached."""
+        """Interrupt the runner when the client has gone or max_tokens is reached; and again when the interrupt
+        may have been lost. The runner clears its stop flag when a run starts, so a SIGINT that arrived
+        between our handle line and that moment did nothing: it is sent again once the runner has fetched the
+        prompt (its run has begun), and every REINTERRUPT_SECONDS until the end notice comes (one that arrives
+        at the prompt is harmless; a generation that runs to its end is not)."""
         if self.reason is None and self._cancelled is not None and self._cancelled():
             self._interrupt("cancelled")
         if self.reason is None and self.max_tokens is not None and len(self.ids) >= self.max_tokens:
             self._interrupt("length")
+        if self.reason is not None:
+            began = self.log.encoded_at
+            if ((began is not None and began > self._interrupted_at)
+                    or time.monotonic() - self._interrupted_at >= REINTERRUPT_SECONDS):
+                self._interrupt(self.reason)
 
     def end(self, now, runner_tps):
         self.ended = now
         try:
-            self.runner_tokens_per_second = float(runner_tps)
+            figure = float(runner_tps)
         except ValueError:
-            pass  # "nan" and the like: the runner had nothing to measure
+            return
+        if math.isfinite(figure) and figure > 0:  # "nan", "inf": the runner had nothing to measure
+            self.runner_tokens_per_second = figure
 
     def _interrupt(self, reason):
         self.reason = reason
+        self._interrupted_at = time.monotonic()
         self._interrupt_runner()
 
     def _apply_stops(self, may_interrupt):

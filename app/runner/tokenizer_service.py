@@ -32,6 +32,8 @@ HANDLE_PREFIX = "#qwen-chat-request:"
 MAX_BODY = 4 << 20  # a 1024-token prompt line is far below this
 MAX_LINE = 8192
 MAX_HEADERS = 100
+# The Content-Types a web page can POST without a CORS preflight (the Fetch standard's "simple" ones).
+SIMPLE_TYPES = (b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data")
 
 # The runner keeps one connection open; a few more leave room for reconnects while old ones close.
 MAX_CONNECTIONS = 8
@@ -66,6 +68,7 @@ class DecodeLog:
         self._lock = threading.Lock()
         self._calls = []
         self._live_ids = []  # ids of the calls so far, in order
+        self.encoded_at = None  # when the runner fetched the prompt (monotonic): its run has begun
 
     def record(self, ids):
         """Answer a /decode call and remember it. Returns the text to send back."""
@@ -159,6 +162,7 @@ class TokenizerService:
                 ids = self.tokenizer.vendor_prompt_ids(text)
                 log = DecodeLog(None, ids, self.tokenizer.incremental_decoder())
             self._current = log
+            log.encoded_at = time.monotonic()
         return log.prompt_ids
 
     def decode(self, ids):
@@ -284,11 +288,13 @@ class _Handler(socketserver.BaseRequestHandler):
             raise ValueError("body too large")
         body = self.reader.read(length, deadline)
         # A page on this host can make a browser send requests here: cross-site ones carry Origin (and
-        # Sec-Fetch-*), and a "simple" POST, which needs no CORS preflight, cannot be application/json.
+        # Sec-Fetch-*), and the only POSTs a page can send without a CORS preflight (which this service never
+        # answers) are the "simple" types. The vendor's runner sends application/json; a runner that sent no
+        # type at all would still be served.
         if from_a_page:
             raise _Refused("requests from a web page (Origin or Sec-Fetch-* headers) are not served")
-        if method == "POST" and content_type != b"application/json":
-            raise _Refused("a POST must be Content-Type: application/json")
+        if method == "POST" and content_type in SIMPLE_TYPES:
+            raise _Refused("a POST with a form or text/plain body is what a web page sends; send application/json")
         return method, path, body, keep_alive
 
     def _dispatch(self, method, path, body):
