@@ -212,6 +212,51 @@ def test_a_conversation_streams_and_every_turn_is_sent(open_page, slow):
                                      {"role": "user", "content": "fresh start"}]
 
 
+def test_a_reload_keeps_the_conversation_and_new_chat_forgets_it(open_page, slow):
+    page, _ = open_page(slow)
+    bodies = chat_bodies(page)
+    shown = answer_to("remember **this**, count to 3").replace("**", "")  # as Markdown shows it
+    send(page, "remember **this**, count to 3")
+    expect(answer(page)).to_have_text(shown)
+    holder, release = hold_card(slow)
+    try:
+        send(page, "stopped while waiting")
+        expect(page.locator("#card-state")).to_contain_text("Waiting in the queue")
+        page.keyboard.press("Escape")  # no answer: the message is withdrawn, and so not kept
+        expect(page.locator(".turn.user.withdrawn")).to_have_count(1)
+    finally:
+        release.set()
+        holder.join(60)
+
+    page.reload()
+    expect(page.locator(".turn.user .text")).to_have_text(["remember **this**, count to 3"])
+    expect(answer(page)).to_have_text(shown)
+    expect(answer(page).locator("strong")).to_have_text("this")  # Markdown again, through the same sanitiser
+    expect(page.get_by_role("button", name="Copy answer")).to_have_count(1)
+    send(page, "after the reload")
+    expect(answer(page)).to_have_text(said("after the reload"))
+    assert [(m["role"], m["content"]) for m in bodies[-1]["messages"]] == [
+        ("user", "remember **this**, count to 3"), ("assistant", answer_to("remember **this**, count to 3")),
+        ("user", "after the reload")]
+
+    page.get_by_role("button", name="New chat").click()
+    page.reload()
+    expect(page.locator("#welcome")).to_be_visible()
+    expect(page.locator(".turn")).to_have_count(0)
+
+    # Whatever else is stored under the name starts an empty conversation, and shows nothing as markup.
+    page.evaluate("""() => localStorage.setItem("qwen-chat.conversation", JSON.stringify(
+        [{role: "system", content: "x"}, {role: "user", content: "<img src=x onerror=alert(1)>"}, {role: 7}]))""")
+    page.reload()
+    expect(page.locator(".turn.user .text")).to_have_text(["<img src=x onerror=alert(1)>"])
+    expect(page.locator(".turn")).to_have_count(1)
+    page.evaluate("() => localStorage.setItem('qwen-chat.conversation', '{not json')")
+    page.reload()
+    expect(page.locator(".turn")).to_have_count(0)
+    send(page, "works")
+    expect(answer(page)).to_have_text(said("works"))
+
+
 def test_model_text_cannot_inject_markup(open_page, slow):
     page, watch = open_page(slow)
     text = ('<script>window.pwned = 1</script><img src=x onerror="window.pwned = 2"> **bold** '

@@ -1,11 +1,14 @@
 // The chat page: a conversation sent whole to /v1/chat/completions with every message (the service keeps no
 // state), answers streamed in, the card's progress in the panel (card.js), an API key when the service asks.
+// The conversation is kept in this browser (localStorage) so that a reload or a closed tab does not lose it;
+// "New chat" forgets it.
 
 import { apiKey, ChatError, health, modelName, streamChat } from "./api.js";
 import { CardPanel } from "./card.js";
 import { ready as markdownReady, render } from "./markdown.js";
 
 const SYSTEM_STORAGE = "qwen-chat.system";
+const CONVERSATION_STORAGE = "qwen-chat.conversation";
 const $ = (id) => document.getElementById(id);
 const ui = {
   conversation: $("conversation"), welcome: $("welcome"), composer: $("composer"), message: $("message"),
@@ -123,6 +126,45 @@ function markLeftOut(sent, count) {
   for (const turn of sent.slice(0, count)) turn.element.classList.add("left-out");
 }
 
+// What the next message would be sent with, kept for the next visit. Saved only when no answer is on its way:
+// a reload while one streams comes back to the conversation as it was before that message.
+function saveConversation() {
+  try {
+    if (history.length) {
+      localStorage.setItem(CONVERSATION_STORAGE, JSON.stringify(history.map(({ role, content }) => ({ role, content }))));
+    } else {
+      localStorage.removeItem(CONVERSATION_STORAGE);
+    }
+  } catch {
+    // Storage full or turned off: the conversation is simply not kept.
+  }
+}
+
+function savedConversation() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(CONVERSATION_STORAGE) || "[]");
+    if (!Array.isArray(saved)) return [];
+    return saved.filter((turn) => (turn?.role === "user" || turn?.role === "assistant")
+      && typeof turn.content === "string");
+  } catch {
+    return [];  // not ours, or damaged: start afresh
+  }
+}
+
+// The turns come back at once, in order; answers are rendered as Markdown once the libraries are in.
+function restoreConversation() {
+  const answers = [];
+  for (const { role, content } of savedConversation()) {
+    const turn = addTurn(role);
+    if (role === "user") turn.body.textContent = content;
+    else answers.push([turn, content]);
+    history.push({ role, content, element: turn.element });
+  }
+  markdownReady.then(() => {
+    for (const [turn, content] of answers) finishAnswer(turn, content);
+  });
+}
+
 function systemMessages() {
   const system = ui.system.value.trim();
   return system ? [{ role: "system", content: system }] : [];
@@ -238,6 +280,7 @@ async function ask(user) {
       running = null;
       setBusy(false);
     }
+    if (mine === chat && !running) saveConversation(); // not while a retry with a new key is on its way
   }
 }
 
@@ -265,6 +308,7 @@ function newChat() {
   }
   chat += 1;
   history = [];
+  saveConversation();
   for (const turn of ui.conversation.querySelectorAll(".turn")) turn.remove();
   ui.welcome.hidden = false;
   card.reset();
@@ -342,6 +386,7 @@ async function showHealth() {
 async function start() {
   ui.system.value = localStorage.getItem(SYSTEM_STORAGE) || "";
   card.reset();
+  restoreConversation();
   showHealth();
   try {
     showModel(await modelName());
