@@ -42,6 +42,20 @@ if request "health" GET /health; then
   fi
 fi
 
+# The chat page for browsers; "Ollama is running" for everyone else (Ollama clients probe it).
+page_status=$(curl -sS -m "$timeout" -o "$body" -w '%{http_code}' -H "Accept: text/html" "$url/") || page_status=000
+if [ "$page_status" = 200 ] && grep -q 'src="[^"]*static/js/chat.js"' "$body"; then
+  markdown="Markdown on"
+  grep -q 'data-markdown="on"' "$body" || markdown="answers as plain text: run scripts/setup for its libraries"
+  script_status=$(curl -sS -m "$timeout" -o /dev/null -w '%{http_code}' "$url/static/js/chat.js") || script_status=000
+  if [ "$script_status" = 200 ]; then pass "GET / (browser): the chat page ($markdown)"; else fail "GET / (browser)" "its script: HTTP $script_status"; fi
+else
+  fail "GET / (browser)" "HTTP $page_status, no chat page"
+fi
+if request "root" GET /; then
+  if [ "$status" = 200 ] && [ "$(cat "$body")" = "Ollama is running" ]; then pass "GET /: Ollama is running"; else fail "GET /" "HTTP $status $(head -c 100 "$body")"; fi
+fi
+
 model=""
 if request "models" GET /v1/models; then
   model=$(json_get 'j["data"][0]["id"]')

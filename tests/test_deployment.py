@@ -16,7 +16,8 @@ def test_smoke_script_passes_against_a_live_server(server):
                           timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    assert sum(line.startswith("ok ") for line in lines) == 7, done.stdout
+    assert sum(line.startswith("ok ") for line in lines) == 9, done.stdout
+    assert "ok    GET / (browser): the chat page (Markdown on)" in lines
     assert lines[-1] == "all checks passed"
 
 
