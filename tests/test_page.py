@@ -212,8 +212,8 @@ def test_a_conversation_streams_and_every_turn_is_sent(open_page, slow):
                                      {"role": "user", "content": "fresh start"}]
 
 
-def test_a_reload_keeps_the_conversation_and_new_chat_forgets_it(open_page, slow):
-    page, _ = open_page(slow)
+def test_a_reload_keeps_the_conversation_and_new_chat_forgets_it(open_page, slow, tokenizer, screenshots):
+    page, _ = open_page(slow, color_scheme="light", viewport={"width": 1100, "height": 760})
     bodies = chat_bodies(page)
     shown = answer_to("remember **this**, count to 3").replace("**", "")  # as Markdown shows it
     send(page, "remember **this**, count to 3")
@@ -233,6 +233,10 @@ def test_a_reload_keeps_the_conversation_and_new_chat_forgets_it(open_page, slow
     expect(answer(page)).to_have_text(shown)
     expect(answer(page).locator("strong")).to_have_text("this")  # Markdown again, through the same sanitiser
     expect(page.get_by_role("button", name="Copy answer")).to_have_count(1)
+    kept = [{"role": "user", "content": "remember **this**, count to 3"},
+            {"role": "assistant", "content": answer_to("remember **this**, count to 3")}]
+    expect(page.locator("#window-text")).to_have_text(f"{len(tokenizer.chat_ids(kept, ending='none'))} of 1024 tokens")
+    page.screenshot(path=screenshots / "reloaded.png")
     send(page, "after the reload")
     expect(answer(page)).to_have_text(said("after the reload"))
     assert [(m["role"], m["content"]) for m in bodies[-1]["messages"]] == [

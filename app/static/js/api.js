@@ -86,6 +86,15 @@ export async function modelName(key = apiKey.get()) {
   return body.data?.[0]?.id || "";
 }
 
+// How many tokens of the window `messages` take, counted by the service's tokenizer (no card time).
+export async function countTokens(messages) {
+  const response = await fetch("/tokenize", {
+    method: "POST", headers: headers(), body: JSON.stringify({ messages, add_generation_prompt: false }),
+  });
+  if (!response.ok) throw await failure(response);
+  return (await response.json()).count;
+}
+
 export async function health() {
   const response = await fetch("/health");
   return response.json();

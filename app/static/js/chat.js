@@ -3,7 +3,7 @@
 // The conversation is kept in this browser (localStorage) so that a reload or a closed tab does not lose it;
 // "New chat" forgets it.
 
-import { apiKey, ChatError, health, modelName, streamChat } from "./api.js";
+import { apiKey, ChatError, countTokens, health, modelName, streamChat } from "./api.js";
 import { CardPanel } from "./card.js";
 import { ready as markdownReady, render } from "./markdown.js";
 
@@ -131,7 +131,7 @@ function markLeftOut(sent, count) {
 function saveConversation() {
   try {
     if (history.length) {
-      localStorage.setItem(CONVERSATION_STORAGE, JSON.stringify(history.map(({ role, content }) => ({ role, content }))));
+      localStorage.setItem(CONVERSATION_STORAGE, JSON.stringify(asMessages(history)));
     } else {
       localStorage.removeItem(CONVERSATION_STORAGE);
     }
@@ -163,6 +163,23 @@ function restoreConversation() {
   markdownReady.then(() => {
     for (const [turn, content] of answers) finishAnswer(turn, content);
   });
+  if (history.length) showWindowOfConversation();
+}
+
+// The window gauge for a conversation that came back: what it takes, as the tokenizer counts it. Unless a
+// message went meanwhile (its own figures are newer), or the service cannot say (the gauge stays empty).
+async function showWindowOfConversation() {
+  try {
+    const used = await countTokens([...systemMessages(), ...asMessages(history)]);
+    if (card.phase === "idle") card.showWindow(used);
+  } catch {
+    // No count (a key not given yet, say): nothing to show.
+  }
+}
+
+// Turns of the page as chat messages: what is sent, counted and kept.
+function asMessages(turns) {
+  return turns.map(({ role, content }) => ({ role, content }));
 }
 
 function systemMessages() {
@@ -195,7 +212,7 @@ async function ask(user) {
   answer.body.setAttribute("aria-busy", "true");
   answer.body.classList.add("pending");
   const sent = history.slice();
-  const messages = [...systemMessages(), ...sent.map(({ role, content }) => ({ role, content }))];
+  const messages = [...systemMessages(), ...asMessages(sent)];
   const controller = new AbortController();
   const mine = chat;
   running = controller;
