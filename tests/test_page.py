@@ -411,6 +411,15 @@ def test_an_api_key_is_asked_for_once_and_remembered(open_page, start_server):
     dialog.get_by_label("Key").press("Enter")
     expect(answer(page)).to_have_text(said("after a change"))
 
+    # Asked for again at start, with a conversation kept: once the key is given, the gauge counts it.
+    page.evaluate("() => localStorage.setItem('qwen-chat.api-key', 'revoked')")
+    page.reload()
+    expect(dialog).to_be_visible()
+    expect(page.locator("#window-text")).to_have_text("0 of 1024 tokens")
+    dialog.get_by_label("Key").fill("sesame")
+    dialog.get_by_label("Key").press("Enter")
+    expect(page.locator("#window-text")).to_have_text(re.compile(r"^[1-9]\d* of 1024 tokens$"))
+
 
 def test_a_conversation_too_long_for_the_window_is_a_sentence(open_page, fast, screenshots):
     page, watch = open_page(fast, color_scheme="light", viewport={"width": 1100, "height": 760})

@@ -1,12 +1,31 @@
 // The service's HTTP API as the page uses it: the API key, a streamed chat with progress, and errors turned
 // into sentences (a person never sees the service's JSON).
 
+// What the page keeps in this browser. A browser that refuses storage (a privacy setting) throws on every use:
+// the page then keeps nothing, and works.
+export const stored = {
+  get(name) {
+    try {
+      return localStorage.getItem(name) || "";
+    } catch {
+      return "";
+    }
+  },
+  set(name, value) {
+    try {
+      if (value) localStorage.setItem(name, value);
+      else localStorage.removeItem(name);
+    } catch {
+      // Refused, or full: not kept.
+    }
+  },
+};
+
 const KEY_STORAGE = "qwen-chat.api-key";
 
 export const apiKey = {
-  get: () => localStorage.getItem(KEY_STORAGE) || "",
-  set: (key) => localStorage.setItem(KEY_STORAGE, key),
-  forget: () => localStorage.removeItem(KEY_STORAGE),
+  get: () => stored.get(KEY_STORAGE),
+  set: (key) => stored.set(KEY_STORAGE, key),
 };
 
 function headers(key = apiKey.get()) {
@@ -17,13 +36,11 @@ function headers(key = apiKey.get()) {
 
 // A failure the page can explain: `title` says what happened, `detail` the service's own words or what to do.
 export class ChatError extends Error {
-  constructor(title, detail = "", { status = 0, code = null, retryAfter = null } = {}) {
+  constructor(title, detail = "", status = 0) {
     super(detail ? `${title} ${detail}` : title);
     this.title = title;
     this.detail = detail;
     this.status = status;
-    this.code = code;
-    this.retryAfter = retryAfter;
   }
 
   get needsKey() {
@@ -39,23 +56,22 @@ function sentence(text) {
 function explain(error, status, retryAfter) {
   const message = sentence(typeof error?.message === "string" ? error.message : "");
   const code = error?.code ?? null;
-  const options = { status, code, retryAfter };
   const wait = retryAfter ? ` Try again in ${retryAfter} s.` : "";
-  if (status === 401) return new ChatError("The service did not accept the API key.", "", options);
+  if (status === 401) return new ChatError("The service did not accept the API key.", "", status);
   if (code === "context_length_exceeded") {
-    return new ChatError("This is too long for the card's 1024-token window.", message, options);
+    return new ChatError("This is too long for the card's 1024-token window.", message, status);
   }
-  if (code === "shutting_down") return new ChatError("The service is restarting.", `Send again in a moment.`, options);
+  if (code === "shutting_down") return new ChatError("The service is restarting.", `Send again in a moment.`, status);
   if (error?.type === "server_busy" || code === "queue_full" || code === "queue_timeout") {
-    return new ChatError("The card is busy with other people's requests.", message + wait, options);
+    return new ChatError("The card is busy with other people's requests.", message + wait, status);
   }
-  if (code === "card_unavailable") return new ChatError("The NPU card is unavailable.", message + wait, options);
+  if (code === "card_unavailable") return new ChatError("The NPU card is unavailable.", message + wait, status);
   if (status === 503 || error?.type === "service_unavailable") {
-    return new ChatError("The card could not answer.", message + wait, options);
+    return new ChatError("The card could not answer.", message + wait, status);
   }
-  if (status === 413) return new ChatError("This conversation is too large to send.", message, options);
-  if (status >= 400 && status < 500) return new ChatError("The service refused the request.", message, options);
-  return new ChatError("The service had a problem.", message || `It answered HTTP ${status}.`, options);
+  if (status === 413) return new ChatError("This conversation is too large to send.", message, status);
+  if (status >= 400 && status < 500) return new ChatError("The service refused the request.", message, status);
+  return new ChatError("The service had a problem.", message || `It answered HTTP ${status}.`, status);
 }
 
 async function failure(response) {

@@ -30,13 +30,13 @@ export class CardPanel {
     this.dropped = $("dropped");
     this.window = WINDOW;
     this.phase = "idle";
+    this.promptTokens = 0; // of the request in flight, once the card reads it
   }
 
   // The live region is read out when the phase changes, not on every half-second update of the numbers.
   setPhase(phase, sentence) {
     this.phase = phase;
     if (this.state.textContent !== sentence) this.state.textContent = sentence;
-    document.body.dataset.card = phase;
   }
 
   reset() {
@@ -51,6 +51,8 @@ export class CardPanel {
     this.setPhase("sending", "Sending…");
     this.bar.hidden = true;
     this.detail.textContent = "";
+    this.dropped.hidden = true; // said of the last request; this one's comes when it opens
+    this.promptTokens = 0;
   }
 
   // `queue`: {position: requests the card takes first, request_class, waiting: {interactive, background}}.
@@ -88,7 +90,7 @@ export class CardPanel {
     this.bar.hidden = true;
     const speed = elapsedMs >= 500 ? `, about ${rate((since * 1000) / elapsedMs)}` : "";
     this.detail.textContent = `About ${plural(Math.round(answerTokens), "token")} so far${speed}.`;
-    this.showWindow((this.promptTokens || 0) + Math.round(answerTokens));
+    this.showWindow(this.promptTokens + Math.round(answerTokens));
   }
 
   finished({ usage, timings, finishReason }) {

@@ -3,7 +3,7 @@
 // The conversation is kept in this browser (localStorage) so that a reload or a closed tab does not lose it;
 // "New chat" forgets it.
 
-import { apiKey, ChatError, countTokens, health, modelName, streamChat } from "./api.js";
+import { apiKey, ChatError, countTokens, health, modelName, stored, streamChat } from "./api.js";
 import { CardPanel } from "./card.js";
 import { ready as markdownReady, render } from "./markdown.js";
 
@@ -54,12 +54,11 @@ function addTurn(role) {
   return { element, body, footer };
 }
 
-function note(turn, text, kind = "note") {
+function note(turn, text) {
   const line = document.createElement("p");
-  line.className = kind;
+  line.className = "note";
   line.textContent = text;
   turn.footer.append(line);
-  return line;
 }
 
 function showError(turn, error) {
@@ -86,7 +85,7 @@ async function copyText(text) {
   const area = document.createElement("textarea");
   area.value = text;
   area.setAttribute("readonly", "");
-  area.className = "offscreen";
+  area.className = "visually-hidden";
   document.body.append(area);
   area.select();
   const copied = document.execCommand("copy");
@@ -110,6 +109,7 @@ function copyButton(label, name, text) {
 
 function finishAnswer(turn, text) {
   render(turn.body, text);
+  turn.body.classList.remove("pending"); // an empty answer too
   turn.body.removeAttribute("aria-busy");
   for (const pre of turn.body.querySelectorAll("pre")) {
     const wrap = document.createElement("div");
@@ -118,6 +118,12 @@ function finishAnswer(turn, text) {
     wrap.append(copyButton("Copy", "Copy code", () => pre.textContent), pre);
   }
   turn.footer.prepend(copyButton("Copy", "Copy answer", () => text));
+}
+
+// An answer that came (whole, or up to a stop or a failure) is part of the conversation.
+function keepAnswer(turn, text) {
+  finishAnswer(turn, text);
+  history.push({ role: "assistant", content: text, element: turn.element });
 }
 
 // The oldest `count` turns of a request were left out to fit the window: mark them so.
@@ -129,20 +135,12 @@ function markLeftOut(sent, count) {
 // What the next message would be sent with, kept for the next visit. Saved only when no answer is on its way:
 // a reload while one streams comes back to the conversation as it was before that message.
 function saveConversation() {
-  try {
-    if (history.length) {
-      localStorage.setItem(CONVERSATION_STORAGE, JSON.stringify(asMessages(history)));
-    } else {
-      localStorage.removeItem(CONVERSATION_STORAGE);
-    }
-  } catch {
-    // Storage full or turned off: the conversation is simply not kept.
-  }
+  stored.set(CONVERSATION_STORAGE, history.length ? JSON.stringify(asMessages(history)) : "");
 }
 
 function savedConversation() {
   try {
-    const saved = JSON.parse(localStorage.getItem(CONVERSATION_STORAGE) || "[]");
+    const saved = JSON.parse(stored.get(CONVERSATION_STORAGE) || "[]");
     if (!Array.isArray(saved)) return [];
     return saved.filter((turn) => (turn?.role === "user" || turn?.role === "assistant")
       && typeof turn.content === "string");
@@ -163,15 +161,16 @@ function restoreConversation() {
   markdownReady.then(() => {
     for (const [turn, content] of answers) finishAnswer(turn, content);
   });
-  if (history.length) showWindowOfConversation();
 }
 
 // The window gauge for a conversation that came back: what it takes, as the tokenizer counts it. Unless a
 // message went meanwhile (its own figures are newer), or the service cannot say (the gauge stays empty).
 async function showWindowOfConversation() {
+  if (!history.length) return;
+  const mine = chat;
   try {
     const used = await countTokens([...systemMessages(), ...asMessages(history)]);
-    if (card.phase === "idle") card.showWindow(used);
+    if (mine === chat && card.phase === "idle") card.showWindow(used);
   } catch {
     // No count (a key not given yet, say): nothing to show.
   }
@@ -258,33 +257,26 @@ async function ask(user) {
     cancelAnimationFrame(frame);
     await markdownReady;
     if (mine !== chat) return;
-    finishAnswer(answer, text);
-    history.push({ role: "assistant", content: text, element: answer.element });
+    keepAnswer(answer, text);
   } catch (error) {
     cancelAnimationFrame(frame);
     if (mine !== chat) return;
-    answer.body.classList.remove("pending");
-    answer.body.removeAttribute("aria-busy");
     const stopped = error.name === "AbortError";
     if (stopped) card.stopped();
     else card.failed(error instanceof ChatError ? error : new ChatError("Something went wrong.", String(error)));
     if (!stopped && (!error.status || error.status >= 500)) showHealth(); // the card or the service may be down
     if (error instanceof ChatError && error.needsKey) {
       answer.element.remove();
-      history = history.filter((turn) => turn !== user);
       running = null;
       setBusy(false);
-      if (await askForKey("The service did not accept the key. Enter it again.")) {
-        history.push(user);
-        return ask(user);
-      }
+      // The message stays in the conversation while the key is asked for (nothing is saved meanwhile).
+      if (await askForKey("The service did not accept the key. Enter it again.")) return ask(user);
       withdraw(user);
       return;
     }
     if (text) {
       // What came before the stop or the failure stays: the person saw it, and the model may build on it.
-      finishAnswer(answer, text);
-      history.push({ role: "assistant", content: text, element: answer.element });
+      keepAnswer(answer, text);
     } else {
       answer.body.hidden = true; // nothing to show but what happened, below
       withdraw(user);
@@ -401,14 +393,17 @@ async function showHealth() {
 }
 
 async function start() {
-  ui.system.value = localStorage.getItem(SYSTEM_STORAGE) || "";
+  ui.system.value = stored.get(SYSTEM_STORAGE);
   card.reset();
   restoreConversation();
   showHealth();
   try {
     showModel(await modelName());
+    showWindowOfConversation();
   } catch (error) {
-    if (error.needsKey) askForKey(apiKey.get() ? "The saved key is no longer accepted. Enter the current one." : "");
+    if (!error.needsKey) return;
+    const reason = apiKey.get() ? "The saved key is no longer accepted. Enter the current one." : "";
+    if (await askForKey(reason)) showWindowOfConversation(); // the count needed the key too
   }
 }
 
@@ -429,7 +424,7 @@ document.addEventListener("keydown", (event) => {
 });
 ui.stop.addEventListener("click", stop);
 ui.newChat.addEventListener("click", newChat);
-ui.system.addEventListener("input", () => localStorage.setItem(SYSTEM_STORAGE, ui.system.value));
+ui.system.addEventListener("input", () => stored.set(SYSTEM_STORAGE, ui.system.value));
 ui.keyForm.addEventListener("submit", submitKey);
 ui.keyDialog.addEventListener("close", () => {
   // Closed without a key that worked (Escape): the message waiting for it is not sent.

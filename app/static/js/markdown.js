@@ -51,8 +51,8 @@ export const ready = load().then((loaded) => {
 
 // Show `text` in `target`: sanitised Markdown when the libraries are there, else as it is.
 export function render(target, text) {
+  target.classList.toggle("plain", !libraries); // text shown before the libraries came in is Markdown now
   if (!libraries) {
-    target.classList.add("plain");
     target.textContent = text;
     return;
   }
