@@ -54,6 +54,9 @@ class Backend:
         self.aliases = {name.lower() for name in [model["name"], *model["aliases"]]}
         self.tokenizer = load_tokenizer(model["tokenizer_dir"])
         self.card = Card(self.tokenizer, CardOptions.from_settings(settings, instance_path))
+        # OpenAI's system_fingerprint: this build and what runs the model, e.g. qwen-chat-0ba9667a1c-emulated.
+        # Found at start-up (git runs once per process), not by the first request.
+        self.fingerprint = f"qwen-chat-{build_id()}-{'emulated' if self.card.emulated else 'card'}"
         self.request_class = Classifier(settings["scheduling"]["background"]).request_class
         self.started_at = time.monotonic()
         self.created = int(time.time())
@@ -74,11 +77,6 @@ class Backend:
                 return
             self._stopped = True
             self.card.stop()
-
-    @functools.cached_property
-    def fingerprint(self):
-        """OpenAI's system_fingerprint: this build and what runs the model, e.g. qwen-chat-0ba9667a1c-emulated."""
-        return f"qwen-chat-{build_id()}-{'emulated' if self.card.emulated else 'card'}"
 
     @functools.cached_property
     def model_size(self):

@@ -42,8 +42,13 @@ def validation_error(exc: ValidationError):
     return APIError(400, message, param=problems[0][0] or None if problems else None)
 
 
+def is_ollama_path(path):
+    """Ollama's clients read errors on /api/... in Ollama's shape; everyone else reads OpenAI's."""
+    return path == "/api" or path.startswith("/api/")
+
+
 def uses_ollama_shape():
-    return request.blueprint == "ollama" or request.path == "/api" or request.path.startswith("/api/")
+    return request.blueprint == "ollama" or is_ollama_path(request.path)
 
 
 def error_response(error: APIError):

@@ -32,7 +32,7 @@ from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers.gthread import ThreadWorker
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from app.errors import APIError
+from app.errors import APIError, is_ollama_path
 from app.request_bytes import MAX_HEAD_BYTES, Arrived, RequestBytes
 
 READ_BYTES = 64 * 1024
@@ -165,8 +165,7 @@ class WholeRequestWorker(ThreadWorker):
         self.refused[status] += 1
         error = APIError(status, message, type=error_type, code=code)
         path = arrival.request.path or ""
-        body = json.dumps(error.ollama_body() if path == "/api" or path.startswith("/api/")
-                          else error.openai_body()).encode()
+        body = json.dumps(error.ollama_body() if is_ollama_path(path) else error.openai_body()).encode()
         head = [f"HTTP/1.1 {status} {REASONS[status]}", "Content-Type: application/json",
                 f"Content-Length: {len(body)}", "Connection: close"]
         head += [f"{name}: {value}" for name, value in (headers or {}).items()]

@@ -101,6 +101,27 @@ class ChatMessage(_Lenient):
                                   "omit its content).", "content")
 
 
+class _ChatEnding(_Lenient):
+    """How a chat prompt ends (vLLM's fields): the assistant's next turn (the default), right after the last
+    message (`add_generation_prompt: false`), or inside the final assistant message, which the model goes on
+    with (`continue_final_message`, a prefill)."""
+    continue_final_message = JsonBool(load_default=False)
+    add_generation_prompt = JsonBool(load_default=None, allow_none=True)
+
+    @validates_schema
+    def _one_ending(self, data, **kwargs):
+        if data.get("continue_final_message") and data.get("add_generation_prompt"):
+            raise ValidationError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                                  "continue_final_message")
+
+
+def chat_ending(body):
+    """A loaded _ChatEnding's choice, as QwenTokenizer.chat_ids takes it."""
+    if body["continue_final_message"]:
+        return "continue"
+    return "none" if body["add_generation_prompt"] is False else "generate"
+
+
 class OpenAIRequest(_Lenient):
     """What every OpenAI request shares: model, limits, stop, stream, and the sampling fields every client
     sends. The card's sampling is fixed when the runner starts, so those are accepted (and type-checked) but
@@ -138,7 +159,7 @@ class OpenAIRequest(_Lenient):
             raise ValidationError("`include_usage` must be a boolean.", "stream_options")
 
 
-class ChatCompletionRequest(OpenAIRequest):
+class ChatCompletionRequest(OpenAIRequest, _ChatEnding):
     messages = fields.List(fields.Nested(ChatMessage), required=True, validate=validate.Length(
         min=1, error="At least one message is required."))
     max_completion_tokens = fields.Integer(strict=True, load_default=None, allow_none=True,
@@ -152,9 +173,6 @@ class ChatCompletionRequest(OpenAIRequest):
     functions = fields.Raw(load_default=None, allow_none=True)
     function_call = fields.Raw(load_default=None, allow_none=True)
     modalities = fields.List(fields.String(), load_default=None, allow_none=True)
-    # vLLM's prefill: the conversation ends inside its final assistant message, which the model continues.
-    continue_final_message = JsonBool(load_default=False)
-    add_generation_prompt = JsonBool(load_default=None, allow_none=True)
 
     @validates_schema
     def _chat_features(self, data, **kwargs):
@@ -164,9 +182,6 @@ class ChatCompletionRequest(OpenAIRequest):
             raise ValidationError("`top_logprobs` is not supported by this server.", "top_logprobs")
         check_response_format(data.get("response_format"))
         if data.get("continue_final_message"):
-            if data.get("add_generation_prompt"):
-                raise ValidationError("Cannot set both `continue_final_message` and `add_generation_prompt` to "
-                                      "True.", "continue_final_message")
             messages = data.get("messages") or []
             if not messages or messages[-1]["role"] != "assistant" or messages[-1].get("tool_calls"):
                 raise ValidationError("`continue_final_message` needs the conversation to end with an assistant "
@@ -264,15 +279,13 @@ class CompletionRequest(OpenAIRequest):
             raise ValidationError("`logprobs` is not supported by this server.", "logprobs")
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(_ChatEnding):
     """vLLM's /tokenize (`prompt`, or chat `messages`) and llama.cpp's (`content`)."""
     model = fields.String(load_default=None, allow_none=True)
     prompt = fields.String(load_default=None, allow_none=True)
     messages = fields.List(fields.Nested(ChatMessage), load_default=None, allow_none=True)
     content = fields.String(load_default=None, allow_none=True)
     tools = fields.List(fields.Nested(Tool), load_default=None, allow_none=True)
-    add_generation_prompt = JsonBool(load_default=None, allow_none=True)
-    continue_final_message = JsonBool(load_default=False)
     add_special_tokens = JsonBool(load_default=None, allow_none=True)  # Qwen2.5 adds none either way
     return_token_strs = JsonBool(load_default=False)
     with_pieces = JsonBool(load_default=False)
@@ -283,9 +296,6 @@ class TokenizeRequest(_Lenient):
         if len(given) != 1:
             raise ValidationError("Send exactly one of `prompt`, `messages` (vLLM) or `content` (llama.cpp).",
                                   "prompt")
-        if data.get("continue_final_message") and data.get("add_generation_prompt"):
-            raise ValidationError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
-                                  "continue_final_message")
 
 
 class DetokenizeRequest(_Lenient):

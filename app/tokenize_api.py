@@ -11,7 +11,7 @@ from app.errors import APIError
 from app.inputs import read_body
 from app.openai_api import check_model, template_messages
 from app.runner.protocol import MAX_TOKEN_LEN
-from app.schemas import DETOKENIZE_REQUEST, TOKENIZE_REQUEST
+from app.schemas import DETOKENIZE_REQUEST, TOKENIZE_REQUEST, chat_ending
 
 bp = Blueprint("tokenize", __name__)
 
@@ -30,12 +30,9 @@ def tokenize():
             return jsonify({"tokens": [{"id": i, "piece": tokenizer.decode([i])} for i in ids]})
         return jsonify({"tokens": ids})
     if body["messages"] is not None:
-        if body["continue_final_message"]:
-            ending = "continue"
-        else:
-            ending = "generate" if body["add_generation_prompt"] is not False else "none"
         try:
-            ids = tokenizer.chat_ids(template_messages(body["messages"]), raw.get("tools") or None, ending=ending)
+            ids = tokenizer.chat_ids(template_messages(body["messages"]), raw.get("tools") or None,
+                                     ending=chat_ending(body))
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
     else:

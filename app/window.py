@@ -146,8 +146,7 @@ def fit(conversation, window, reserve, overflow="truncate"):
     if fixed + reserve > window and tools:
         # Even without any earlier turn the tools leave no room: they go, and as much history as fits stays.
         tools = [t for t in tools if _tool_name(t) == conversation.keep_tool]
-        ending = ENDING_TOKENS[conversation.ending]
-    fixed = conversation.head_tokens(tools) + sum(g.tokens for g in kept) + ending
+        fixed = conversation.head_tokens(tools) + sum(g.tokens for g in kept) + ending
     if fixed > window:
         raise too_long(conversation, len(ids), window,
                        ", which cannot fit even with earlier turns and tool definitions left out")

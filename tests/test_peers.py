@@ -189,6 +189,11 @@ def test_tokenize_and_detokenize_in_vllms_and_llamacpps_shapes(client, tokenizer
     prefill = client.post("/tokenize", json={"messages": PREFILL, "continue_final_message": True,
                                              "add_generation_prompt": False}).get_json()
     assert prefill["tokens"] == tokenizer.chat_ids(PREFILL, ending="continue")
+    ended = client.post("/tokenize", json={"messages": PREFILL, "add_generation_prompt": False}).get_json()
+    assert ended["tokens"] == tokenizer.chat_ids(PREFILL, ending="none")
+    both = client.post("/tokenize", json={"messages": PREFILL, "continue_final_message": True,
+                                          "add_generation_prompt": True})
+    assert both.status_code == 400 and both.get_json()["error"]["param"] == "continue_final_message"
     llama = client.post("/tokenize", json={"content": "Hello world", "with_pieces": True}).get_json()
     assert llama["tokens"] == [{"id": i, "piece": tokenizer.decode([i])} for i in tokenizer.encode("Hello world")]
     back = client.post("/detokenize", json={"tokens": tokenizer.encode("Hello world")}).get_json()

@@ -33,14 +33,7 @@ log = logging.getLogger(__name__)
 SPAWN_WAIT_SECONDS = 5.0  # how long a connection may wait for a spawn in progress to admit its pid
 
 class ProcUnreadable(OSError):
-    """/proc does not answer: who is calling cannot be known."""
-
-
-def _caller_socket(peer, ours, proc):
-    try:
-        return caller_socket(peer, ours, proc)
-    except SocketsUnreadable as exc:
-        raise ProcUnreadable(str(exc)) from None
+    """A process's entries in /proc do not answer: whether it holds a socket cannot be known."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +107,7 @@ class RunnerPeers:
         """Who owns the other end of the connection from `peer` to `ours`: a Caller whose runner_pid is set
         only for a process we admitted. Fails closed: anything unknown is not the runner."""
         try:
-            found = _caller_socket(peer, ours, self._proc)
+            found = caller_socket(peer, ours, self._proc)
             if found is None:
                 return Caller(None)
             inode, uid = found
@@ -129,7 +122,7 @@ class RunnerPeers:
                 # A spawn is in progress: this may be its runner's first call, made before its pid is known.
                 if not self._wait_for_admission(admitted, deadline):
                     return Caller(uid)
-        except ProcUnreadable as exc:
+        except (SocketsUnreadable, ProcUnreadable) as exc:
             self._went_blind(exc)
             return Caller(None)
 
