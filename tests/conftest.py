@@ -75,6 +75,19 @@ def client(app):
 
 
 @pytest.fixture
+def fed_prompts(monkeypatch):
+    """The exact prompt ids each generation registered with the tokenizer service (what the card is fed)."""
+    fed = []
+    register = TokenizerService.register
+
+    def spy(self, prompt_ids):
+        fed.append(list(prompt_ids))
+        return register(self, prompt_ids)
+    monkeypatch.setattr(TokenizerService, "register", spy)
+    return fed
+
+
+@pytest.fixture
 def make_app(tmp_path):
     """make_app(server={...}, runner={...}) -> an app with those settings (its runner stopped afterwards)."""
     apps = []

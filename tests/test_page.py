@@ -37,13 +37,6 @@ def slow(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def fast(tmp_path_factory):
-    server = LiveServer(tmp_path_factory.mktemp("page-fast"), settings()).wait_healthy()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(scope="session")
 def screenshots(tmp_path_factory):
     folder = tmp_path_factory.getbasetemp() / "screenshots"
@@ -100,13 +93,14 @@ def chat_bodies(page):
     return bodies
 
 
-def hold_card(server, text="count to 400"):
+def hold_card(server):
     """Another client streams a long answer until `release` is set; returns (thread, release)."""
     release = threading.Event()
 
+    body = {"model": MODEL, "stream": True, "messages": [{"role": "user", "content": "count to 400"}]}
+
     def hold():
-        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120,
-                          json={"model": MODEL, "stream": True, "messages": [{"role": "user", "content": text}]}) as r:
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120, json=body) as r:
             for _ in r.iter_lines():
                 if release.is_set():
                     return  # closing the stream frees the card
@@ -362,8 +356,8 @@ def test_the_prompt_progress_bar_moves_and_completes(open_page, slow, tokenizer,
     expect(page.locator("#card-detail")).to_contain_text(f"Prompt: {total} tokens in")
 
 
-def test_turns_left_out_to_fit_the_window_are_shown(open_page, fast):
-    page, _ = open_page(fast)
+def test_turns_left_out_to_fit_the_window_are_shown(open_page, server):
+    page, _ = open_page(server)
     first = "The card reads slowly. " * 80  # about 400 tokens, and an answer as long
     send(page, first)
     expect(answer(page, 0)).to_contain_text("You said")
@@ -421,8 +415,8 @@ def test_an_api_key_is_asked_for_once_and_remembered(open_page, start_server):
     expect(page.locator("#window-text")).to_have_text(re.compile(r"^[1-9]\d* of 1024 tokens$"))
 
 
-def test_a_conversation_too_long_for_the_window_is_a_sentence(open_page, fast, screenshots):
-    page, watch = open_page(fast, color_scheme="light", viewport={"width": 1100, "height": 760})
+def test_a_conversation_too_long_for_the_window_is_a_sentence(open_page, server, screenshots):
+    page, watch = open_page(server, color_scheme="light", viewport={"width": 1100, "height": 760})
     watch.expected_errors.append("400")
     text = "word " * 1200
     send(page, text)
@@ -464,16 +458,16 @@ def test_an_unavailable_card_is_a_sentence(open_page, start_server):
     expect(page.get_by_role("button", name="Send")).to_be_visible()
 
 
-def test_without_the_libraries_answers_are_plain_text(open_page, fast):
-    page, watch = open_page(fast, block="**/static/vendor/**")
+def test_without_the_libraries_answers_are_plain_text(open_page, server):
+    page, watch = open_page(server, block="**/static/vendor/**")
     watch.expected_errors.append("net::ERR_FAILED")  # the blocked libraries
     send(page, "**not bold** <b>nor this</b>")
     expect(answer(page)).to_have_text(said("**not bold** <b>nor this</b>"))
     assert answer(page).locator("strong, b").count() == 0
 
 
-def test_dark_mode_and_a_phone_screen(open_page, fast, screenshots):
-    page, _ = open_page(fast, color_scheme="dark", viewport={"width": 1100, "height": 760})
+def test_dark_mode_and_a_phone_screen(open_page, server, screenshots):
+    page, _ = open_page(server, color_scheme="dark", viewport={"width": 1100, "height": 760})
     send(page, "Show me:\n```sh\ncurl -s localhost:8000/health\n```\nin the dark")
     expect(answer(page).locator("pre code")).to_have_text("curl -s localhost:8000/health")
     background = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
@@ -481,7 +475,7 @@ def test_dark_mode_and_a_phone_screen(open_page, fast, screenshots):
     assert luminance(background) < 0.2 and luminance(text) > 0.7
     page.screenshot(path=screenshots / "dark.png")
 
-    phone, _ = open_page(fast, color_scheme="light", viewport={"width": 390, "height": 780}, is_mobile=True,
+    phone, _ = open_page(server, color_scheme="light", viewport={"width": 390, "height": 780}, is_mobile=True,
                          has_touch=True, device_scale_factor=2)
     send(phone, "Hello from a phone, count to 12")
     expect(answer(phone)).to_have_text(answer_to("Hello from a phone, count to 12"))

@@ -8,6 +8,7 @@ import openai
 import pydantic
 import pytest
 
+from app.cors import ALLOWED_HEADERS
 from helpers import MODEL, chat, sse_events
 
 EMULATED_CONTINUATION = " (continued by the emulated runner)"
@@ -39,7 +40,7 @@ def test_a_preflight_gets_the_headers_its_origin_asks_for(make_app):
     odd = app.test_client().options("/v1/models", headers={
         "Origin": "http://ui.example", "Access-Control-Request-Method": "GET",
         "Access-Control-Request-Headers": "x-ok, bad header!"})
-    assert "bad header" not in odd.headers["Access-Control-Allow-Headers"]  # nonsense gets the fixed list
+    assert odd.headers["Access-Control-Allow-Headers"] == ALLOWED_HEADERS  # nonsense gets the fixed list
 
 
 def test_logprobs_zero_is_refused_on_completions(client):
@@ -68,24 +69,12 @@ def test_ollama_format_and_think_errors(client, body, message):
 
 
 # -- continuing an assistant message ----------------------------------------------------------------------
-def fed_prompts(app, monkeypatch):
-    """The exact prompt ids each generation registered (what the card is fed)."""
-    from app.runner.tokenizer_service import TokenizerService
-    fed, register = [], TokenizerService.register
-
-    def spy(self, prompt_ids):
-        fed.append(list(prompt_ids))
-        return register(self, prompt_ids)
-    monkeypatch.setattr(TokenizerService, "register", spy)
-    return fed
-
-
 PREFILL = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
            {"role": "assistant", "content": "The colour is"}]
 
 
-def test_continue_final_message_ends_the_prompt_inside_that_message(app, client, tokenizer, monkeypatch):
-    fed = fed_prompts(app, monkeypatch)
+def test_continue_final_message_ends_the_prompt_inside_that_message(client, tokenizer, fed_prompts):
+    fed = fed_prompts
     response = client.post("/v1/chat/completions", json={
         "model": MODEL, "messages": PREFILL, "continue_final_message": True, "add_generation_prompt": False})
     body = response.get_json()
@@ -97,7 +86,7 @@ def test_continue_final_message_ends_the_prompt_inside_that_message(app, client,
     assert expected[-1] != tokenizer.eos_id and tokenizer.decode(expected).endswith("assistant\nThe colour is")
     # Ollama continues a final assistant message on its own.
     answer = client.post("/api/chat", json={"model": MODEL, "messages": PREFILL, "stream": False}).get_json()
-    assert answer["message"]["content"] == EMULATED_CONTINUATION and fed[-1] == expected
+    assert answer["message"]["content"] == EMULATED_CONTINUATION and fed == [expected, expected]
 
 
 # -- structured output ------------------------------------------------------------------------------------
@@ -122,9 +111,9 @@ def test_json_object_is_the_value_alone_and_the_card_stops_after_it(client, toke
     assert text == body["choices"][0]["message"]["content"]
 
 
-def test_the_schema_is_in_the_prompt_compactly(app, client, tokenizer, monkeypatch):
+def test_the_schema_is_in_the_prompt_compactly(client, tokenizer, fed_prompts):
     from app.structured import JsonFormat
-    fed = fed_prompts(app, monkeypatch)
+    fed = fed_prompts
     schema = {"title": "Weather", "type": "object", "properties": {"city": {"type": "string", "title": "City"}},
               "required": ["city"]}
     messages = [{"role": "user", "content": 'answer with: {"city": "Oslo"}'}]

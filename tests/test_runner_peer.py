@@ -109,7 +109,8 @@ def test_requests_a_web_page_could_send_are_refused_even_from_the_runners_proces
 # -- the runner's own calls -----------------------------------------------------------------------------------
 def test_a_call_made_before_the_spawn_returns_waits_for_the_pid(service):
     # The runner calls /bos_id as soon as it starts, possibly before the spawn has returned its pid. Another
-    # process calling meanwhile waits too, and is refused.
+    # process calling meanwhile is refused (its connection waits behind the first: connections are told apart
+    # one at a time, on the accepting thread).
     port = port_of(service)
     with service.peers.spawning() as admit:
         client = start_caller("once", port)
@@ -118,7 +119,7 @@ def test_a_call_made_before_the_spawn_returns_waits_for_the_pid(service):
         other = start_caller("once", port)
         admit(client.pid)  # only now: the service held the connection until it knew the pid
     assert json.loads(client.communicate(timeout=30)[0]) == {"status": 200, "body": '{"eos_id": 151645}'}
-    assert json.loads(other.communicate(timeout=30)[0].splitlines()[-1])["status"] is None
+    assert json.loads(other.communicate(timeout=30)[0].splitlines()[-1])["status"] is None  # (connected or not)
 
 
 def test_the_runner_reconnects_after_the_service_closed_its_idle_connection(tokenizer, tmp_path):

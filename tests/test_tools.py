@@ -5,7 +5,6 @@ import ollama
 import openai
 import pytest
 
-from app.runner.tokenizer_service import TokenizerService
 from helpers import MODEL
 
 WEATHER = {"type": "function", "function": {
@@ -139,19 +138,6 @@ def test_a_tool_result_must_answer_a_call(oai):
     with pytest.raises(openai.BadRequestError) as caught:
         ask(oai, None, messages=messages)
     assert caught.value.body["param"] == "messages[2].tool_call_id"
-
-
-@pytest.fixture
-def fed_prompts(app, monkeypatch):
-    """The exact prompt ids each generation registered with the tokenizer service (what the card is fed)."""
-    fed = []
-    register = TokenizerService.register
-
-    def spy(self, prompt_ids):
-        fed.append(list(prompt_ids))
-        return register(self, prompt_ids)
-    monkeypatch.setattr(TokenizerService, "register", spy)
-    return fed
 
 
 def test_prompt_ids_of_a_tool_conversation_are_the_templates(client, tokenizer, fed_prompts):

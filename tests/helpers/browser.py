@@ -27,7 +27,6 @@ class PageWatch:
     errors the test provokes on purpose (a refused key is a 401 that Chromium logs)."""
 
     def __init__(self, page):
-        self.page = page
         self.console_errors = []
         self.page_errors = []
         self.requests = []

@@ -3,7 +3,7 @@ test's (a low RLIMIT_NOFILE; /proc hidden in a mount namespace). Driven by JSON 
 
     python tests/helpers/card_process.py WORKDIR NOFILE_LIMIT(0: unchanged)
 
-It prints {"state", "reason", "url", "runner_pid", "open_fds"} once the card is ready or unavailable, then
+It prints {"state", "reason", "url", "runner_pid"} once the card is ready or unavailable, then
 answers each line on stdin: {"generate": text} -> {"text", "finish_reason"}; {"restart": true} (kill the
 runner, wait for the Card to start a new one) -> {"runner_pid", "state"}; {"failures": n} (wait until the card
 has failed n times in a row) -> {"failures", "state"}. Its log goes to stderr.
@@ -47,13 +47,6 @@ def failures(card, count):
     return {"failures": card.failures, "state": card.state}
 
 
-def open_fds():
-    try:
-        return len(os.listdir("/dev/fd")) - 1  # the listing's own descriptor aside
-    except OSError:
-        return None  # no /proc
-
-
 def main(workdir, nofile):
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     if nofile:
@@ -64,7 +57,7 @@ def main(workdir, nofile):
                                        backoff_initial=0.05)).start()
     state = card.wait_ready(60)
     say({"state": state, "reason": card.reason, "url": card.service.url,
-         "runner_pid": card.runner.pid if card.runner else None, "open_fds": open_fds()})
+         "runner_pid": card.runner.pid if card.runner else None})
     for line in sys.stdin:
         command = json.loads(line)
         if "generate" in command:

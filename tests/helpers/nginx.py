@@ -1,11 +1,9 @@
 """A real nginx (Debian's) running the project's nginx/qwen-chat.conf in front of services under test."""
 import re
 import shutil
-import socket
 import subprocess
-import time
 
-from helpers.live import free_port
+from helpers.live import free_port, listening, wait_for
 
 from app.paths import PROJECT_DIR
 
@@ -49,17 +47,7 @@ http {{
         check = subprocess.run([*command, "-t"], capture_output=True, text=True)
         assert check.returncode == 0, check.stderr
         self.proc = subprocess.Popen(command)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nginx did not start"
-                time.sleep(0.02)
-
-    def error_log(self):
-        return (self.workdir / "error.log").read_text(errors="replace")
+        wait_for(lambda: listening(self.port), 10, "nginx to listen")
 
     def stop(self):
         if self.proc.poll() is None:
