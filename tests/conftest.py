@@ -127,6 +127,18 @@ def server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's, through playwright: tests/helpers/browser.py)."""
+    from playwright.sync_api import sync_playwright
+
+    from helpers.browser import launch
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        yield browser
+        browser.close()
+
+
 @pytest.fixture
 def nginx(tmp_path):
     """nginx(port or [ports], replace={...}) -> a running Nginx with nginx/qwen-chat.conf; stopped afterwards."""

@@ -5,10 +5,8 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from playwright.sync_api import sync_playwright
 
 from helpers import MODEL, said
-from helpers.browser import launch
 
 # What openai-node sends with every request (src/client.ts, buildHeaders and getPlatformHeaders), in a browser.
 SDK_HEADERS = {
@@ -38,21 +36,16 @@ def other_origin(tmp_path):
     server.server_close()
 
 
-def test_the_openai_js_sdks_headers_pass_a_browsers_cors_check(start_server, other_origin):
+def test_the_openai_js_sdks_headers_pass_a_browsers_cors_check(start_server, other_origin, browser):
     server = start_server(server={"cors_origins": [other_origin], "api_key": "browser-key"})
     body = {"model": MODEL, "messages": [{"role": "user", "content": "from a browser"}]}
-    with sync_playwright() as playwright:
-        browser = launch(playwright)
-        try:
-            page = browser.new_page()
-            page.goto(other_origin + "/")
-            allowed = page.evaluate(FETCH, [server.url + "/v1/chat/completions", SDK_HEADERS, body])
-            assert allowed.get("status") == 200, allowed
-            assert allowed["body"]["choices"][0]["message"]["content"] == said("from a browser")
-            assert allowed["id"]  # an exposed header is readable from the page
-            elsewhere = browser.new_page()  # a page whose origin is not configured
-            elsewhere.goto("data:text/html,<p>elsewhere</p>")
-            refused = elsewhere.evaluate(FETCH, [server.url + "/v1/chat/completions", SDK_HEADERS, body])
-            assert "error" in refused and "Failed to fetch" in refused["error"]
-        finally:
-            browser.close()
+    page = browser.new_page()
+    page.goto(other_origin + "/")
+    allowed = page.evaluate(FETCH, [server.url + "/v1/chat/completions", SDK_HEADERS, body])
+    assert allowed.get("status") == 200, allowed
+    assert allowed["body"]["choices"][0]["message"]["content"] == said("from a browser")
+    assert allowed["id"]  # an exposed header is readable from the page
+    elsewhere = browser.new_page()  # a page whose origin is not configured
+    elsewhere.goto("data:text/html,<p>elsewhere</p>")
+    refused = elsewhere.evaluate(FETCH, [server.url + "/v1/chat/completions", SDK_HEADERS, body])
+    assert "error" in refused and "Failed to fetch" in refused["error"]

@@ -57,7 +57,7 @@ def test_shell_scripts_pass_shellcheck():
 
 def test_streams_pass_nginx_as_they_are_generated(start_server, nginx):
     server = start_server(runner={"emulator": {"token_ms": 40}})
-    front = nginx(int(server.url.rsplit(":", 1)[1])).url
+    front = nginx(server.port).url
     body = {"model": "qwen2.5", "stream": True, "messages": [{"role": "user", "content": "count to 30"}]}
     arrivals = []
     with httpx.Client(timeout=60) as http:
@@ -83,7 +83,7 @@ def test_streams_pass_nginx_as_they_are_generated(start_server, nginx):
 
 def test_errors_through_nginx_stay_json(start_server, nginx):
     server = start_server()
-    front = nginx(int(server.url.rsplit(":", 1)[1])).url
+    front = nginx(server.port).url
     too_big = httpx.post(front + "/v1/chat/completions", content=b"x" * (2 << 20),
                          headers={"Content-Type": "application/json"})
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"

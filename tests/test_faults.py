@@ -152,7 +152,7 @@ def test_a_waiter_that_disconnects_leaves_the_queue_at_once(start_server):
     long.start()
     server.wait_until_busy()
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "waiting"}]}).encode()
-    waiter = socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])))
+    waiter = socket.create_connection(("127.0.0.1", server.port))
     waiter.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     wait_for(lambda: server.metric("qwen_chat_queue_depth") == 1, what="the waiter in line")

@@ -104,7 +104,7 @@ def test_a_runner_that_hangs_while_idle_is_replaced_before_anyone_waits(start_se
 
 def half_closing_request(server, body):
     """Send a request, shut down the sending side (as some clients and proxies do), read the whole answer."""
-    port = int(server.url.rsplit(":", 1)[1])
+    port = server.port
     payload = json.dumps(body).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -147,7 +147,7 @@ def test_a_web_page_elsewhere_cannot_spend_the_cards_time(client):
 
 def test_a_broken_chunked_body_is_a_400(start_server):
     server = start_server()
-    port = int(server.url.rsplit(":", 1)[1])
+    port = server.port
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                      b"Content-Type: application/json\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")

@@ -146,9 +146,8 @@ def test_disconnect_mid_stream_frees_the_card(start_server):
 
 def test_disconnect_while_waiting_for_a_plain_answer_frees_the_card(start_server):
     server = start_server(runner={"emulator": {"token_ms": 20}})
-    host, port = server.url.rsplit(":", 1)
     body = b'{"model": "qwen2.5", "max_tokens": 1024, "messages": [{"role": "user", "content": "count to 3000"}]}'
-    sock = socket.create_connection(("127.0.0.1", int(port)))
+    sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     server.wait_until_busy()

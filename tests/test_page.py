@@ -7,10 +7,10 @@ import threading
 
 import httpx
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from helpers import MODEL, LiveServer, answer_to, said, settings, wait_for
-from helpers.browser import PageWatch, launch
+from helpers.browser import PageWatch
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
 LONG = ("Please read all this: " + "the card reads one token at a time. " * 12).strip()  # the page trims
@@ -19,14 +19,6 @@ expect.set_options(timeout=30_000)  # a waiting bound, not a goal: two shared co
 
 
 # -- fixtures -----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        browser = launch(playwright)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory):
     """The card at a pace slow enough to watch (20 ms a token); long answers allowed, so that one outlasts a

@@ -9,10 +9,6 @@ import httpx
 from helpers import MODEL, alive, said, sse_events, wait_for
 
 
-def port(server):
-    return int(server.url.rsplit(":", 1)[1])
-
-
 def served(server, method="POST", **labels):
     """Requests the service has answered with 200."""
     try:
@@ -46,7 +42,7 @@ def chat(url, text):
 
 def test_requests_go_to_the_card_with_the_fewest(start_server, nginx):
     cards = [start_server(runner={"emulator": {"token_ms": 20}}) for _ in range(2)]
-    front = nginx([port(card) for card in cards])
+    front = nginx([card.port for card in cards])
     first = Stream(front.url, "count to 80")
     wait_for(lambda: any(card.metric("qwen_chat_card_busy") for card in cards), 30, "a card generating")
     busy, free = cards if cards[0].metric("qwen_chat_card_busy") else cards[::-1]
@@ -66,7 +62,7 @@ def test_a_busy_card_sends_the_request_to_the_other(start_server, nginx):
     # One request generating and one waiting fill a card's queue (max_queue 1): the next gets 503 queue_full.
     cards = [start_server(server={"max_queue": 1, "threads": 5}, runner={"emulator": {"token_ms": 20}})
              for _ in range(2)]
-    front = nginx([port(card) for card in cards])
+    front = nginx([card.port for card in cards])
     full, other = cards
     running = Stream(full.url, "count to 200")
     full.wait_until_busy()
@@ -94,7 +90,7 @@ def test_a_busy_card_sends_the_request_to_the_other(start_server, nginx):
 
 def test_a_card_that_dies_is_routed_around_and_rejoins(start_server, nginx):
     cards = [start_server() for _ in range(2)]
-    front = nginx([port(card) for card in cards])
+    front = nginx([card.port for card in cards])
     dead, other = cards
     worker = dead.worker_pids()[0]
     os.kill(dead.proc.pid, signal.SIGKILL)
@@ -106,7 +102,7 @@ def test_a_card_that_dies_is_routed_around_and_rejoins(start_server, nginx):
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == said(text)
     assert served(other) == 4
     # The card's service starts again on its port: nginx sends it requests again (after fail_timeout at most).
-    back = start_server(port=port(dead))
+    back = start_server(port=dead.port)
     # (Only nginx asks it for /v1/models: its own health checks and /metrics are other endpoints.)
     wait_for(lambda: httpx.get(front.url + "/v1/models", timeout=10).status_code == 200
              and served(back, "GET", endpoint="/v1/models"), 30, "requests on the restarted service")

@@ -233,7 +233,7 @@ SHORT_NGINX = {"client_header_timeout 10s;": "client_header_timeout 2s;",
 
 def test_nginx_passes_a_slow_body_on_only_once_it_is_whole(start_server, nginx):
     server = start_server(server={**SMALL, "request_timeout": 2})
-    front = nginx(int(server.url.rsplit(":", 1)[1]), replace=SHORT_NGINX)
+    front = nginx(server.port, replace=SHORT_NGINX)
     # Slower in all than the service allows (2 s), but never pausing as long as nginx allows (2 s).
     dribbler = Dribbler(front.url, head(), BODY, pace=0.05)
     assert httpx.get(front.url + "/health", timeout=TIMEOUT).status_code == 200
@@ -254,7 +254,7 @@ def test_nginx_passes_a_slow_body_on_only_once_it_is_whole(start_server, nginx):
 
 def test_nginx_drops_a_stalled_request_before_the_service_sees_it(start_server, nginx):
     server = start_server(server=SMALL)
-    front = nginx(int(server.url.rsplit(":", 1)[1]), replace=SHORT_NGINX)
+    front = nginx(server.port, replace=SHORT_NGINX)
     stalled = [Dribbler(front.url, head()[:40]), Dribbler(front.url, head() + BODY[:10])]
     assert httpx.get(front.url + "/health", timeout=TIMEOUT).status_code == 200
     arriving = []

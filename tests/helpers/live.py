@@ -80,7 +80,8 @@ class LiveServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--config", "scripts/gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"],
             cwd=PROJECT_DIR, env=self.env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
-        self.url = "http://127.0.0.1:%d" % self._wait_for_port()
+        self.port = self._wait_for_port()
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def log(self):
         return self.log_path.read_text(errors="replace")
