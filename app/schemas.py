@@ -310,17 +310,42 @@ DETOKENIZE_REQUEST = DetokenizeRequest()
 
 
 # -- Ollama (docs/api.md) --------------------------------------------------------------------------------
+class WholeNumber(fields.Field):
+    """An integer option of Ollama's: a JSON integer, or a number with nothing after the point (8192.0), as
+    Ollama takes it (clients such as Home Assistant send every number as a float). 2.5 is an error."""
+    default_error_messages = {"invalid": "Must be a whole number."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise self.make_error("invalid")
+
+
+def whole_number(**kwargs):
+    return WholeNumber(load_default=None, allow_none=True, **kwargs)
+
+
 class OllamaOptions(_Lenient):
-    """Ollama's `options`. Only these change what we do; the sampling ones are fixed when the runner starts
-    and every other option is accepted and ignored, as Ollama itself ignores unknown ones."""
-    num_predict = fields.Integer(strict=True, load_default=None, allow_none=True)
-    num_ctx = fields.Integer(strict=True, load_default=None, allow_none=True, validate=validate.Range(min=1))
+    """Ollama's `options`. Only num_predict, num_ctx and stop change what we do; the sampling ones are fixed
+    when the runner starts, and the rest are type-checked as Ollama checks them, then ignored; options Ollama
+    does not know are ignored, as Ollama ignores them."""
+    num_predict = whole_number()
+    num_ctx = whole_number(validate=validate.Range(min=1))
     stop = StopField(load_default=list)
     temperature = fields.Float(load_default=None, allow_none=True)
-    top_k = fields.Integer(strict=True, load_default=None, allow_none=True)
+    top_k = whole_number()
     top_p = fields.Float(load_default=None, allow_none=True)
     repeat_penalty = fields.Float(load_default=None, allow_none=True)
-    seed = fields.Integer(strict=True, load_default=None, allow_none=True)
+    seed = whole_number()
+    # Ollama's other integer options (api/types.go): accepted whole, as Ollama accepts them.
+    num_keep = whole_number()
+    repeat_last_n = whole_number()
+    num_batch = whole_number()
+    num_gpu = whole_number()
+    main_gpu = whole_number()
+    num_thread = whole_number()
 
 
 def refuse_images(data):
