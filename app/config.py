@@ -132,6 +132,8 @@ class GenerationConfig(_Strict):
 class ContextConfig(_Strict):
     overflow = fields.String(load_default="truncate", validate=validate.OneOf(("truncate", "error")))
     reserve_tokens = fields.Integer(load_default=256, validate=validate.Range(1, 1023))
+    # The answer's room when only some tool definitions fit: a tool call is short (README, Home Assistant).
+    tool_reserve_tokens = fields.Integer(load_default=80, validate=validate.Range(1, 1023))
 
 
 def _regex(value):

@@ -14,7 +14,8 @@ ALLOWED_HEADERS = "Authorization, Content-Type, X-Request-Id, OpenAI-Organizatio
 # origin's client sends (the openai JS SDK adds x-stainless-*), within sane bounds.
 REQUESTED_HEADERS_RE = re.compile(r"^[A-Za-z0-9-]{1,64}(\s*,\s*[A-Za-z0-9-]{1,64}){0,49}$")
 ALLOWED_METHODS = "GET, POST, HEAD, OPTIONS"
-EXPOSED_HEADERS = ", ".join(["X-Request-Id", "Retry-After", requestlog.DROPPED_MESSAGES, requestlog.DROPPED_TOOLS])
+EXPOSED_HEADERS = ", ".join(["X-Request-Id", "Retry-After", requestlog.DROPPED_MESSAGES, requestlog.DROPPED_TOOLS,
+                             requestlog.KEPT_TOOLS, requestlog.COMPACTED_TOOLS, requestlog.UNFIT_TOOL])
 
 
 def _allowed_origin():

@@ -94,14 +94,27 @@ def chat_prompt_ids(backend, messages, tools=None, keep_tool=None, tool_instruct
     try:
         conversation = Conversation(backend.tokenizer, messages, tools, keep_tool, tool_instruction, instruction,
                                     ending)
-        fitted = fit(conversation, window, reserve, context["overflow"])
+        fitted = fit(conversation, window, reserve, context["overflow"], context["tool_reserve_tokens"])
     except (TemplateError, TypeError, ValueError, RecursionError) as exc:
         raise APIError(400, f"The conversation cannot be rendered by the model's chat template: {exc}",
                        param="messages") from None
     record = current_record()
     if record is not None and fitted.truncated:
         record.dropped_messages, record.dropped_tools = fitted.dropped_messages, fitted.dropped_tools
+        record.kept_tools, record.compacted_tools = fitted.kept_tools, fitted.compacted_tools
+        record.unfit_tool = fitted.unfit_tool
+    if fitted.unfit_reason:
+        raise ToolDoesNotFit(fitted.unfit_reason)
     return fitted.prompt_ids
+
+
+class ToolDoesNotFit(Exception):
+    """The person asked for something only a tool can do, and no tool it needs fits the window: the model
+    would answer as if it had acted. The views answer this reason instead, without the card."""
+
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def check_raw_prompt(prompt_ids, param, window=MAX_TOKEN_LEN, context_tokens=0):

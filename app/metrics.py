@@ -41,6 +41,14 @@ class Metrics:
                                  "shortened to fit the window", ["endpoint"], registry=self.registry)
         self.dropped = Counter("qwen_chat_context_dropped", "Messages and tool definitions left out to fit the "
                                "window", ["part"], registry=self.registry)
+        self.tool_choices = Counter("qwen_chat_context_tool_selections", "Requests whose tool definitions did not "
+                                    "all fit, so that only those the last message asks for were kept",
+                                    ["endpoint"], registry=self.registry)
+        self.tools_kept = Counter("qwen_chat_context_tools_kept", "Tool definitions kept when only some fit, "
+                                  "as sent or compacted", ["rendering"], registry=self.registry)
+        self.tools_unfit = Counter("qwen_chat_context_tool_unfit", "Requests that needed a tool none of whose "
+                                   "renderings fit the window, answered without the card", ["endpoint"],
+                                   registry=self.registry)
         self.classes = Counter("qwen_chat_card_requests", "Requests that used the card, by class",
                                ["request_class"], registry=self.registry)
         self.tokens_per_second = Histogram("qwen_chat_tokens_per_second", "Output tokens per second",
@@ -69,6 +77,12 @@ class Metrics:
             self.truncated.labels(record.endpoint).inc()
             self.dropped.labels("messages").inc(record.dropped_messages)
             self.dropped.labels("tools").inc(record.dropped_tools)
+        if record.kept_tools is not None:
+            self.tool_choices.labels(record.endpoint).inc()
+            self.tools_kept.labels("as_sent").inc(len(record.kept_tools) - record.compacted_tools)
+            self.tools_kept.labels("compacted").inc(record.compacted_tools)
+        if record.unfit_tool:
+            self.tools_unfit.labels(record.endpoint).inc()
 
 
 class _CardCollector:

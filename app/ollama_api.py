@@ -9,11 +9,11 @@ from flask import Blueprint, Response, jsonify, request
 
 from app.backend import current_backend
 from app.errors import APIError
-from app.inputs import chat_prompt_ids, check_raw_prompt, read_body
+from app.inputs import ToolDoesNotFit, chat_prompt_ids, check_raw_prompt, read_body
 from app.requestlog import note_prompt
 from app.runner.protocol import LAYERS, MAX_TOKEN_LEN
 from app.schemas import OLLAMA_CHAT_REQUEST, OLLAMA_GENERATE_REQUEST, OLLAMA_MODEL_REQUEST, ollama_json_format
-from app.serving import Answer, CardRun, compact_json, serve
+from app.serving import Answer, CardRun, compact_json, serve, serve_text
 from app.structured import StructuredText
 from app.tools import collect, output_parser, tool_names
 
@@ -102,7 +102,7 @@ class OllamaAnswer(Answer):
             "done_reason": result.finish_reason,
             "total_duration": ns(time.monotonic() - self.received),
             # The time before the card took the request (waiting in line, or for the runner to load).
-            "load_duration": ns(self.run.started_at - self.received),
+            "load_duration": ns(self.run.started_at - self.received) if self.run is not None else 0,
             "prompt_eval_count": result.prompt_tokens,
             "prompt_eval_duration": ns(result.prompt_seconds),
             "eval_count": result.completion_tokens,
@@ -162,8 +162,12 @@ def chat():
     # As Ollama does: a conversation that ends with an assistant message is continued (a prefill).
     last = body["messages"][-1]
     ending = "continue" if last["role"] == "assistant" and not last["tool_calls"] else "generate"
-    prompt_ids = chat_prompt_ids(backend, messages, tools, max_tokens=limit, window=window(options),
-                                 instruction=fmt.instruction() if fmt else None, ending=ending)
+    try:
+        prompt_ids = chat_prompt_ids(backend, messages, tools, max_tokens=limit, window=window(options),
+                                     instruction=fmt.instruction() if fmt else None, ending=ending)
+    except ToolDoesNotFit as unfit:
+        answer = OllamaAnswer(None, body["model"], "message", received)
+        return serve_text(answer, unfit.reason, body["stream"])
     klass = backend.request_class(request.headers, messages, body["model"])
     # The card stops after a JSON value, unless tools are offered: a tool call is JSON too.
     run = CardRun.for_request(prompt_ids, limit, options.get("stop", []), klass, body["stream"],

@@ -7,11 +7,11 @@ from flask import Blueprint, jsonify, request
 
 from app.backend import current_backend
 from app.errors import APIError
-from app.inputs import chat_prompt_ids, check_raw_prompt, read_body
+from app.inputs import ToolDoesNotFit, chat_prompt_ids, check_raw_prompt, read_body
 from app.requestlog import note_prompt
 from app.runner.protocol import MAX_TOKEN_LEN
 from app.schemas import CHAT_COMPLETION_REQUEST, COMPLETION_REQUEST, chat_ending, json_format
-from app.serving import Answer, CardRun, compact_json, serve
+from app.serving import Answer, CardRun, compact_json, serve, serve_text
 from app.structured import StructuredText
 from app.tools import collect, output_parser, required_instruction, template_tool_calls, tool_names
 
@@ -116,8 +116,11 @@ def chat_completions():
     choice = body["tool_choice"]
     named = choice["function"]["name"] if isinstance(choice, dict) else None
     fmt = json_format(body["response_format"])
-    prompt_ids = chat_prompt_ids(backend, messages, tools, named, instruction, max_tokens,
-                                 instruction=fmt.instruction() if fmt else None, ending=chat_ending(body))
+    try:
+        prompt_ids = chat_prompt_ids(backend, messages, tools, named, instruction, max_tokens,
+                                     instruction=fmt.instruction() if fmt else None, ending=chat_ending(body))
+    except ToolDoesNotFit as unfit:
+        return serve_text(ChatAnswer(backend, [], None, include_usage(body)), unfit.reason, body["stream"])
     klass = backend.request_class(request.headers, messages, body["model"])
     # The card stops after a JSON value, unless tools are offered: a tool call is JSON too.
     run = CardRun.for_request(prompt_ids, max_tokens, body["stop"], klass, body["stream"],

@@ -13,6 +13,9 @@ log = logging.getLogger("qwen_chat.requests")
 OBSERVERS = "qwen_request_observers"
 DROPPED_MESSAGES = "X-Context-Dropped-Messages"
 DROPPED_TOOLS = "X-Context-Dropped-Tools"
+KEPT_TOOLS = "X-Context-Kept-Tools"
+COMPACTED_TOOLS = "X-Context-Compacted-Tools"
+UNFIT_TOOL = "X-Context-Unfit-Tool"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -37,6 +40,9 @@ class RequestRecord:
         self.request_class = None     # "interactive" or "background", for requests that use the card
         self.dropped_messages = 0     # left out to fit the window (window.py)
         self.dropped_tools = 0
+        self.kept_tools = None        # names of the tools kept when only some fit
+        self.compacted_tools = 0      # of those, how many were rendered compactly
+        self.unfit_tool = None        # the tool the request needed when none fits (answered without the card)
 
     def line(self):
         def seconds(value):
@@ -53,6 +59,10 @@ class RequestRecord:
             fields.append(f"class={self.request_class}")
         if self.dropped_messages or self.dropped_tools:
             fields.append(f"dropped=messages:{self.dropped_messages},tools:{self.dropped_tools}")
+        if self.kept_tools is not None:
+            fields.append(f"tools=kept:{len(self.kept_tools)},compacted:{self.compacted_tools}")
+        if self.unfit_tool:
+            fields.append(f"unfit_tool={self.unfit_tool}")  # a tool name: [A-Za-z0-9_.-]{1,64} (schemas.py)
         if self.ignored_fields:
             fields.append("ignored=" + ",".join(printable(name[:40]) for name in self.ignored_fields))
         if self.prompt_text is not None:
@@ -88,6 +98,12 @@ def finish_record(response):
         # What was left out of the conversation to fit the window (README, "The 1024-token window").
         response.headers[DROPPED_MESSAGES] = str(record.dropped_messages)
         response.headers[DROPPED_TOOLS] = str(record.dropped_tools)
+    if record.kept_tools is not None:
+        # Tool names are 1-64 of [A-Za-z0-9_.-] (schemas.py), and only the few that fit are kept.
+        response.headers[KEPT_TOOLS] = ",".join(record.kept_tools)
+        response.headers[COMPACTED_TOOLS] = str(record.compacted_tools)
+    if record.unfit_tool:
+        response.headers[UNFIT_TOOL] = record.unfit_tool
     observers = current_app.extensions[OBSERVERS]
 
     def closed():

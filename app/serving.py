@@ -13,6 +13,7 @@ from app.backend import current_backend
 from app.errors import APIError
 from app.requestlog import current_record
 from app.runner.card import INTERACTIVE, Done, Failed, Requeued, Started, Text
+from app.runner.driver import GenerationResult
 from app.runner.errors import CardUnavailable, QueueFull
 from app.sockets import caller_socket
 
@@ -329,6 +330,16 @@ class Answer:
 
     def whole(self, result):
         raise NotImplementedError
+
+
+def serve_text(answer, text, stream):
+    """An answer the service gives itself, without the card (a request it can only explain), framed as a
+    generation's: whole, or streamed as one piece."""
+    result = GenerationResult(text=text, ids=[], finish_reason="stop", prompt_tokens=0)
+    if not stream:
+        return answer.whole(result)
+    pieces = [answer.opening(), answer.text(text), answer.closing(result)]
+    return Response((piece for piece in pieces if piece), mimetype=answer.mimetype, headers=answer.headers)
 
 
 def serve(run, answer, stream, progress=False):

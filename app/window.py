@@ -3,9 +3,10 @@
 When the rendered prompt would not leave `reserve` tokens for the answer, the oldest turns go first, as
 whole exchanges (a user turn with every assistant, tool-call and tool-result message after it: a tool result
 never loses its call), always keeping the system messages and the last user turn with whatever follows it.
-If that is not enough, the tool definitions go (all of them; a tool named by tool_choice stays). Only when
-the system messages and the last turn alone cannot fit the window is it an error, and the error says what
-takes the space.
+If that is not enough, the tool definitions are chosen: those the last user message asks for stay, as many as
+fit (compacted if need be), in a room that leaves the answer `tool_reserve` tokens (a call is short), and the
+others go (tool_selection.py); a tool named by tool_choice always stays. Only when the system messages and the
+last turn alone cannot fit the window is it an error, and the error says what takes the space.
 
 Counting is cheap: each message group is rendered by the chat template and tokenized once. The template
 puts every group between special tokens (`<|im_start|>` ... `<|im_end|>\\n`), and text is tokenized
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 from app.errors import APIError
 from app.tokenizer.qwen import DEFAULT_SYSTEM_PROMPT
+from app.tool_selection import select, tool_json
 
 EMPTY_SYSTEM = {"role": "system", "content": ""}
 # What the prompt's end adds to the sum of its groups: the next assistant turn's header (3 tokens:
@@ -28,14 +30,20 @@ GENERATION_PROMPT_TOKENS = ENDING_TOKENS["generate"]
 
 @dataclass
 class Fit:
-    """The prompt the card will be fed, and what was left out to make it fit."""
+    """The prompt the card will be fed, and what was left out to make it fit: messages, tool definitions, and
+    (when the tools had to be chosen) the names of those kept and how many of them were compacted."""
     prompt_ids: list
     dropped_messages: int = 0
     dropped_tools: int = 0
+    kept_tools: list | None = None
+    compacted_tools: int = 0
+    # The person asked for a tool and not even its smallest rendering fits: why, in words, and its name.
+    unfit_tool: str | None = None
+    unfit_reason: str | None = None
 
     @property
     def truncated(self):
-        return bool(self.dropped_messages or self.dropped_tools)
+        return bool(self.dropped_messages or self.dropped_tools or self.compacted_tools)
 
 
 @dataclass
@@ -98,6 +106,28 @@ class Conversation:
         tokens += sum(self._count([{"role": "system", "content": text}]) for text in self._instructions(tools))
         return tokens
 
+    def request_text(self):
+        """What the person asked last: the last user message, and the names of tools called after it (their
+        results are what the model reads next)."""
+        last_user = max((i for i, m in enumerate(self.messages) if m["role"] == "user"), default=None)
+        if last_user is None:
+            return ""
+        called = [call.get("function", call).get("name", "") for m in self.messages[last_user + 1:]
+                  for call in m.get("tool_calls") or () if isinstance(call, dict)]
+        content = self.messages[last_user]["content"]
+        return " ".join([content if isinstance(content, str) else "", *filter(None, called)])
+
+    def select_tools(self, budget):
+        """The tools the request needs most that fit `budget` tokens (tool_selection.py)."""
+        tools = self.tools
+        first = tool_json(tools[0]) + "\n"
+        line_tokens = lambda text: len(self.tokenizer.encode(text))  # noqa: E731
+        # What the tools block adds besides the tools' own lines (its instructions, tags; tool_choice's turn):
+        # the lines add up exactly, since each starts after a newline and ends with one.
+        block = self.head_tokens(tools[:1]) - self.head_tokens([]) - line_tokens(first)
+        context = [m["content"] for m in self.messages if m["role"] == "system" and isinstance(m["content"], str)]
+        return select(tools, self.request_text(), budget, line_tokens, block, keep=self.keep_tool, context=context)
+
     def _groups(self, messages):
         """Later system messages each on their own (kept), then exchanges: each user turn with the messages
         after it, the oldest droppable, the last one kept with whatever follows it."""
@@ -128,29 +158,33 @@ class Conversation:
         return groups
 
 
-def fit(conversation, window, reserve, overflow="truncate"):
+def fit(conversation, window, reserve, overflow="truncate", tool_reserve=None):
     """The prompt to feed the card: the whole conversation when it leaves `reserve` tokens of `window` for the
-    answer, else (overflow "truncate") the oldest exchanges and then the tool definitions left out. Raises a
+    answer, else (overflow "truncate") the oldest exchanges left out, and when the tools alone leave no room,
+    only the tools the request needs kept, with `tool_reserve` (at most `reserve`) left for the answer. Raises a
     400 context_length_exceeded when even the system messages and the last turn cannot fit `window`."""
     ids = conversation.render_ids()
     if len(ids) + reserve <= window or (overflow == "error" and len(ids) <= window):
         return Fit(ids)
+    if overflow == "error":
+        raise too_long(conversation, len(ids), window, ", and nothing is left out (context.overflow is error)")
     groups = conversation.groups
     kept = [g for g in groups if not g.droppable]
     droppable = [g for g in groups if g.droppable]
-    tools = conversation.tools
-    ending = ENDING_TOKENS[conversation.ending]
-    fixed = conversation.head_tokens(tools) + sum(g.tokens for g in kept) + ending
-    if overflow == "error":
-        raise too_long(conversation, len(ids), window, ", and nothing is left out (context.overflow is error)")
-    if fixed + reserve > window and tools:
-        # Even without any earlier turn the tools leave no room: they go, and as much history as fits stays.
-        tools = [t for t in tools if _tool_name(t) == conversation.keep_tool]
-        fixed = conversation.head_tokens(tools) + sum(g.tokens for g in kept) + ending
-    if fixed > window:
+    # What always stays: the system turn, later system messages, the last turn, the prompt's end.
+    fixed = conversation.head_tokens([]) + sum(g.tokens for g in kept) + ENDING_TOKENS[conversation.ending]
+    tools, tool_tokens, selection = conversation.tools, 0, None
+    if tools:
+        tool_tokens = conversation.head_tokens(tools) - conversation.head_tokens([])
+        if fixed + tool_tokens + reserve > window:
+            # Even without any earlier turn the tools leave no room: the ones the request needs stay.
+            selection = conversation.select_tools(window - min(tool_reserve or reserve, reserve) - fixed)
+            tools, tool_tokens = selection.tools, selection.tokens
+    if fixed + tool_tokens > window:
         raise too_long(conversation, len(ids), window,
                        ", which cannot fit even with earlier turns and tool definitions left out")
-    room = window - reserve - fixed
+    # Earlier turns fill what is left of the window, leaving the answer its whole reserve.
+    room = window - reserve - fixed - tool_tokens
     # Keep the newest exchanges that fit; drop the oldest.
     dropped = len(droppable)
     for group in reversed(droppable):
@@ -163,13 +197,24 @@ def fit(conversation, window, reserve, overflow="truncate"):
     ids = conversation.render_ids(chosen, tools)
     if len(ids) > window:  # the counts are exact (tests hold them so); this only guards the card
         raise too_long(conversation, len(ids), window, " after leaving out earlier turns")
-    return Fit(ids, dropped_messages=sum(len(g.messages) for g in droppable[:dropped]),
-               dropped_tools=len(conversation.tools) - len(tools))
+    fitted = Fit(ids, dropped_messages=sum(len(g.messages) for g in droppable[:dropped]),
+                 dropped_tools=len(conversation.tools) - len(tools))
+    if selection is not None:
+        fitted.kept_tools, fitted.compacted_tools = selection.names, selection.compacted
+        # Asked to act, with no tool that fits, the model could only pretend it acted. (Once the tools have
+        # answered, the model needs none to say what they did.)
+        if selection.needed and not selection.tools and conversation.messages[-1]["role"] == "user":
+            fitted.unfit_tool = selection.needed
+            fitted.unfit_reason = unfit_reason(selection, fixed, window, min(tool_reserve or reserve, reserve))
+    return fitted
 
 
-def _tool_name(tool):
-    function = tool.get("function") if isinstance(tool, dict) else None
-    return function.get("name") if isinstance(function, dict) else None
+def unfit_reason(selection, fixed, window, reserve):
+    return (f"This request needs the tool {selection.needed}, and it does not fit: the card's window is {window} "
+            f"tokens, this conversation takes {fixed:,} of them without any tool definition, and "
+            f"{selection.needed} takes {selection.needed_tokens:,} at its smallest, with {reserve} kept for the "
+            "answer. Nothing was done. Shorten the system prompt (in Home Assistant: expose fewer entities to "
+            "Assist).")
 
 
 def too_long(conversation, prompt_tokens, window, why):
