@@ -171,6 +171,7 @@ TOOLS_RE = re.compile(r"<tools>\n(.*?)\n</tools>", re.S)
 CALL_RE = re.compile(r"\bcall `?([A-Za-z_][\w.-]*)`?(?: with (.+?))?(?=\s+and call\b|\s*$)", re.S)
 WEATHER_RE = re.compile(r"weather in ([\w .'-]+?)(?:\s+and\s+(?:in\s+)?([\w .'-]+?))?\s*[?.!]*$", re.I)
 RESULT_RE = re.compile(r"<tool_response>\n(.*?)\n</tool_response>", re.S)
+SWITCH_RE = re.compile(r"\bturn (on|off) (?:the )?([\w .'-]+?)\s*[?.!]*$", re.I)
 
 
 def conversation(prompt_text):
@@ -203,8 +204,9 @@ def tool_reply(system, last_user):
 
     "call NAME" or "call NAME with ARGS" (ARGS copied as they are, so malformed JSON makes a malformed
     call), several joined by "and call"; or "the weather in X [and Y]" when a tool named get_weather or
-    get_current_weather is offered: one call per place. NAME need not be an offered tool (a model can
-    hallucinate one).
+    get_current_weather is offered: one call per place; or "turn on|off [the] X" when Home Assistant's
+    HassTurnOn|HassTurnOff is offered: {"name": X}. NAME need not be an offered tool (a model can hallucinate
+    one).
     """
     tools = offered_tools(system)
     if not tools:
@@ -214,6 +216,10 @@ def tool_reply(system, last_user):
     weather_tool = next((t for t in ("get_weather", "get_current_weather") if t in tools), None)
     if not calls and weather and weather_tool:
         calls = [(weather_tool, json.dumps({"location": place.strip()})) for place in filter(None, weather.groups())]
+    switch = SWITCH_RE.search(last_user)
+    switch_tool = switch and {"on": "HassTurnOn", "off": "HassTurnOff"}[switch.group(1).lower()]
+    if not calls and switch_tool in tools:  # Home Assistant's intents
+        calls = [(switch_tool, json.dumps({"name": switch.group(2).strip()}))]
     if not calls:
         return None
     return "\n".join(f'<tool_call>\n{{"name": "{name}", "arguments": {args}}}\n</tool_call>' for name, args in calls)
