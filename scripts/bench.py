@@ -431,11 +431,44 @@ def fitting(tokenizer, rounds):
     return fits[1:], renders[1:], len(whole), len(fitted.prompt_ids), len(messages)
 
 
+HOME_ASSISTANT_ENTITIES = (0, 1, 5, 10, 17, 20, 22, 23, 30, 36, 37, 40)
+
+
+def home_assistant(tokenizer, tmp):
+    """Home Assistant's Assist request for "turn on the kitchen light" (its exact shape, tests/helpers/
+    home_assistant.py) for homes of growing size, through the service: what the card is fed, which tools
+    stay, and what comes back (a call, the service's explanation, or a 400)."""
+    sys.path.insert(0, str(PROJECT_DIR / "tests"))
+    from helpers.home_assistant import assist_request, home
+    rows = []
+    with Service(tmp / "service-home-assistant", 0) as service, httpx.Client(timeout=600) as http:
+        for count in HOME_ASSISTANT_ENTITIES:
+            body = assist_request(home(count), "turn on the kitchen light")
+            body["stream"] = False
+            system = len(tokenizer.encode(tokenizer.render_chat(body["messages"][:1], add_generation_prompt=False)))
+            tools = len(tokenizer.chat_ids(body["messages"][:1], body["tools"], ending="none")) - system
+            response = http.post(service.url + "/api/chat", json=body)
+            answer = response.json()
+            if response.status_code != 200:
+                outcome, fed = f"{response.status_code}", "-"
+            elif answer["message"].get("tool_calls"):
+                outcome = "call " + ", ".join(call["function"]["name"] for call in answer["message"]["tool_calls"])
+                fed = answer["prompt_eval_count"]
+            else:
+                outcome, fed = "explained, no card time", answer["prompt_eval_count"]
+            kept = response.headers.get("X-Context-Kept-Tools", "all" if response.status_code == 200 else "-")
+            compacted = response.headers.get("X-Context-Compacted-Tools", "0")
+            rows.append((count, len(body["tools"]), system, tools, fed, f"{kept or 'none'} ({compacted} compacted)",
+                         outcome))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds per comparison (alternating)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and one saturation run")
-    measures = ["latency", "throughput", "saturation", "memory", "startup", "fitting", "long_chat", "openwebui"]
+    measures = ["latency", "throughput", "saturation", "memory", "startup", "fitting", "long_chat", "openwebui",
+                "home_assistant"]
     parser.add_argument("--only", choices=measures, action="append", help="run only these measurements (repeatable)")
     args = parser.parse_args()
     wanted = set(args.only or measures)
@@ -464,6 +497,8 @@ def main():
             results["long_chat"] = long_chat(tokenizer, tmp)
         if "openwebui" in wanted:
             results["openwebui"] = openwebui(tokenizer, tmp)
+        if "home_assistant" in wanted:
+            results["home_assistant"] = home_assistant(tokenizer, tmp)
 
     print(f"qwen-chat benchmark on {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
           f"; {rounds} alternating rounds; median (min-max)")
@@ -509,6 +544,13 @@ def main():
             print(f"{f'Open WebUI, 5 turns, scheduling {name}: wait beyond own prompt, s':58} "
                   f"{f'{statistics.median(extra):.2f} (worst {max(extra):.2f})':>22} "
                   f"{f'{answered}/{len(outcomes)} tasks answered':>22} {'':>18}  <= 0.5 (on)")
+
+    if "home_assistant" in results:
+        print("\nHome Assistant's Assist, 'turn on the kitchen light' (tokens; the card reads ~14 a second):")
+        print(f"{'entities':>8} {'tools':>5} {'system':>6} {'tool defs':>9} {'fed':>5} {'wait':>6}  {'tools kept':42} outcome")
+        for count, offered, system, tools, fed, kept, outcome in results["home_assistant"]:
+            wait = f"{fed / 14:.0f} s" if isinstance(fed, int) and fed else "-"
+            print(f"{count:>8} {offered:>5} {system:>6} {tools:>9} {fed:>5} {wait:>6}  {kept:42} {outcome}")
 
 
 if __name__ == "__main__":
