@@ -547,7 +547,8 @@ def main():
 
     if "home_assistant" in results:
         print("\nHome Assistant's Assist, 'turn on the kitchen light' (tokens; the card reads ~14 a second):")
-        print(f"{'entities':>8} {'tools':>5} {'system':>6} {'tool defs':>9} {'fed':>5} {'wait':>6}  {'tools kept':42} outcome")
+        print(f"{'entities':>8} {'tools':>5} {'system':>6} {'tool defs':>9} {'fed':>5} {'wait':>6}  "
+              f"{'tools kept':42} outcome")
         for count, offered, system, tools, fed, kept, outcome in results["home_assistant"]:
             wait = f"{fed / 14:.0f} s" if isinstance(fed, int) and fed else "-"
             print(f"{count:>8} {offered:>5} {system:>6} {tools:>9} {fed:>5} {wait:>6}  {kept:42} {outcome}")

@@ -75,8 +75,8 @@ def test_the_rule_finds_the_intent_for_most_assist_commands(tokenizer):
     context = [body["messages"][0]["content"]]
     best = [names[relevance.candidates(text, context)[0]] if relevance.candidates(text, context) else None
             for text, _ in ASSIST_COMMANDS]
-    right = sum(found == want for found, (_, want) in zip(best, ASSIST_COMMANDS))
-    assert right >= 25, list(zip(best, ASSIST_COMMANDS))  # 25 of 30 when measured; 23 without the overview
+    right = sum(found == want for found, (_, want) in zip(best, ASSIST_COMMANDS, strict=True))
+    assert right >= 25, list(zip(best, ASSIST_COMMANDS, strict=True))  # 25 of 30 when measured; 23 without the overview
     # And where the window leaves room for it, the intent is among the tools kept.
     kept = sum(want in ha_fit(tokenizer, assist_request(HOME_17, text)).kept_tools for text, want in ASSIST_COMMANDS)
     assert kept >= 26
