@@ -17,7 +17,7 @@ import functools
 from dataclasses import dataclass
 
 from app.errors import APIError
-from app.tokenizer.qwen import DEFAULT_SYSTEM_PROMPT
+from app.tokenizer.pieces import DEFAULT_SYSTEM_PROMPT
 from app.tool_selection import select, tool_json
 
 EMPTY_SYSTEM = {"role": "system", "content": ""}

@@ -7,6 +7,7 @@ import pytest
 import tiktoken
 
 from app.tokenizer import build
+from app.tokenizer.pieces import byte_level_alphabet
 from app.tokenizer.qwen import QwenTokenizer
 
 HELLO = [{"role": "user", "content": "hello world"}]
@@ -57,7 +58,7 @@ def reference_encoding(tokenizer):
     """tiktoken with Qwen's ranks and split pattern: the reference BPE the built tokenizer must match."""
     folder = Path(tokenizer.folder)
     vocab = json.loads((folder / "vocab.json").read_text())
-    byte_of = tokenizer._byte_of_char
+    byte_of = byte_level_alphabet()
     ranks = {bytes(byte_of[c] for c in token): rank for token, rank in vocab.items()}
     return tiktoken.Encoding("qwen-reference", pat_str=build.SPLIT_PATTERN, mergeable_ranks=ranks,
                              special_tokens={})
