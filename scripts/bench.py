@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app import config  # noqa: E402
 from app.paths import PROJECT_DIR  # noqa: E402
-from app.runner import protocol  # noqa: E402
+from app.runner import emulated_model, protocol  # noqa: E402
 from app.runner.driver import _child_setup  # noqa: E402
 
 CARD_MS = 70
@@ -96,7 +96,8 @@ class Baseline:
         self.service = BareTokenizerService(str(Path(tokenizer_dir) / "tokenizer.json"))
         env = dict(os.environ, PYTHONPATH=str(PROJECT_DIR), QWEN_EMULATOR_TOKEN_MS=str(token_ms),
                    QWEN_EMULATOR_TOKENIZER=str(tokenizer_dir))
-        command = [sys.executable, "-m", "app.runner.emulator"] + protocol.vendor_flags(str(workdir), self.service.url)
+        model = emulated_model.write(Path(workdir) / "model")
+        command = [sys.executable, "-m", "app.runner.emulator"] + protocol.vendor_flags(str(model), self.service.url)
         self.child = pexpect.spawn(command[0], command[1:], cwd=str(workdir), env=env, echo=False, timeout=600,
                                    use_poll=True, preexec_fn=functools.partial(_child_setup, os.getpid()))
         self.child.delaybeforesend = None

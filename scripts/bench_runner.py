@@ -8,9 +8,9 @@ bare loop only writes the handle and waits for the end notice with pexpect.expec
 its work (matching every chunk against /decode answers, decoding ids, stop and limit checks). Rounds
 alternate between the two so machine noise hits both alike; medians and the ratio are printed.
 
-The emulator keeps its connection to the service open, so the check of who is calling (once per
-connection, app/runner/peer.py) is not on its path; the last line times what a runner that opened a new
-connection for every call would see.
+The emulator opens a new connection for every call, as the vendor's runner does, so the check of who is
+calling (once per connection, app/runner/peer.py) is on its path; the last line times that alone: a call on a
+new connection, from a process admitted as the runner is.
 """
 import argparse
 import functools
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app import config  # noqa: E402
 from app.paths import PROJECT_DIR  # noqa: E402
-from app.runner import protocol  # noqa: E402
+from app.runner import emulated_model, protocol  # noqa: E402
 from app.runner.driver import Runner, _child_setup  # noqa: E402
 from app.runner.tokenizer_service import TokenizerService  # noqa: E402
 from app.tokenizer.qwen import QwenTokenizer  # noqa: E402
@@ -46,8 +46,13 @@ def bare_round(child, service, prompt_ids):
     child.send(log.handle.encode() + b"\n")
     child.expect(protocol.END_RE)
     elapsed = time.perf_counter() - started
+    # The service reports every /decode; unread while this loop waited, the last reports are still on their way.
+    deadline = time.monotonic() + 10
+    while not (log.calls() and log.calls()[-1].maybe_final) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    tokens = len(log.calls()[-1].ids)
     service.forget(log)
-    return len(log.calls()[-1].ids) / elapsed
+    return tokens / elapsed
 
 
 def driver_round(runner, prompt_ids):
@@ -98,7 +103,8 @@ def main():
     prompt_ids = tokenizer.chat_ids([{"role": "user", "content": f"count to {args.count}"}])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        command = [sys.executable, "-m", "app.runner.emulator"] + protocol.vendor_flags(str(tmp), service.url)
+        model = emulated_model.write(tmp / "model")
+        command = [sys.executable, "-m", "app.runner.emulator"] + protocol.vendor_flags(str(model), service.url)
         runner = Runner(command, service, tmp, env=emulator_env(tokenizer, args.token_ms, tmp / "driver.trace"))
         with service.peers.spawning() as admit:  # the service serves only the processes we spawned
             bare = pexpect.spawn(command[0], command[1:], cwd=str(tmp), echo=False, timeout=120, use_poll=True,

@@ -3,12 +3,11 @@ child process under a real pty."""
 import pytest
 
 from app import config, create_app
-from app.runner import protocol
 from app.runner.card import Card, CardOptions
 from app.runner.driver import Runner
 from app.runner.tokenizer_service import TokenizerService
 from app.tokenizer.qwen import QwenTokenizer
-from helpers import EMULATOR, LiveServer, Nginx, emulator_env, settings
+from helpers import LiveServer, Nginx, emulator_command, emulator_env, settings
 
 
 @pytest.fixture(scope="session")
@@ -25,12 +24,13 @@ def service(tokenizer):
 
 @pytest.fixture
 def make_runner(tokenizer, service, tmp_path):
-    """make_runner(token_ms=0, fault=..., stall_timeout=...) -> a Runner on the emulator, closed afterwards."""
+    """make_runner(token_ms=0, fault=..., stall_timeout=..., mask=...) -> a Runner on the emulator (on an
+    emulated model folder of that mask size), closed afterwards."""
     runners = []
 
-    def make(stall_timeout=30.0, startup_timeout=30.0, on_progress=None, **settings):
+    def make(stall_timeout=30.0, startup_timeout=30.0, on_progress=None, mask=None, **settings):
         env = emulator_env(tokenizer, **settings)
-        command = EMULATOR + protocol.vendor_flags(str(tmp_path / "model"), service.url)
+        command = emulator_command(tmp_path / f"model{len(runners)}", service.url, *[mask] if mask else [])
         runner = Runner(command, service, tmp_path, env=env, startup_timeout=startup_timeout,
                         stall_timeout=stall_timeout, on_progress=on_progress)
         runners.append(runner)

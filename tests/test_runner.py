@@ -1,11 +1,15 @@
 """The driver (Runner) against the emulated runner: a real child process under a real pty."""
+import os
+import signal
 import threading
+import time
 
 import pytest
 
 from app.runner import protocol
+from app.runner.driver import ENCODE_SECONDS
 from app.runner.errors import CardDead, RunnerDied, RunnerStalled, RunnerStartError
-from helpers import prompt_ids, said
+from helpers import emulator_command, emulator_env, prompt_ids, said
 
 SPLIT_TEXT = "你好，世界 🎉🎉 emoji 👨‍👩‍👧 done"
 
@@ -247,48 +251,48 @@ def test_interrupting_never_loses_output_in_flight():
     assert interrupts >= 500  # it really interrupted, often, while output was flowing
 
 
-@pytest.fixture
-def slow_decode(service, monkeypatch):
-    """Delay the service's answer to the nth /decode call (a busy process), as seen by the runner."""
-    import time
+def test_a_decode_answered_later_than_a_second_kills_the_runner(tokenizer, tmp_path):
+    # docs/PROTOCOL.md: the vendor's loop dies by SIGSEGV when a /decode answer takes longer than 1 s. Here the
+    # tokenizer service's own process is held (SIGSTOP) while the runner waits on one.
+    from app.runner.driver import Runner
+    from app.runner.tokenizer_service import TokenizerService
+    service = TokenizerService(tokenizer).start()
+    runner = None
+    try:
+        runner = Runner(emulator_command(tmp_path / "model", service.url), service, tmp_path,
+                        env=emulator_env(tokenizer, token_ms=20))
 
-    def make(nth, seconds):
-        original = type(service).decode
-        calls = []
-
-        def late(self, ids):
-            answer = original(self, ids)
-            calls.append(ids)
-            if len(calls) == nth:
-                time.sleep(seconds)
-            return answer
-        monkeypatch.setattr(type(service), "decode", late)
-        return calls
-    return make
-
-
-def test_a_decode_answer_later_than_the_runners_timeout(make_runner, tokenizer, slow_decode):
-    # Regression: the runner gives up after 1 s and asks again; recording both calls made the driver wait
-    # for text that would never be printed, and the generation stalled.
-    runner = make_runner(stall_timeout=5)
-    calls = slow_decode(nth=2, seconds=1.3)
-    result, pieces = generate(runner, prompt_ids(tokenizer, "late answer"))
-    assert result.text == said("late answer") and result.finish_reason == "stop"
-    assert result.ids == tokenizer.encode(result.text)
-    live_chunks = -(-len(result.ids) // 3)  # chunks of 3 ids, the last one shorter (flushed at eos)
-    assert len(calls) == live_chunks + 2  # one chunk asked for twice, and the final call with all ids
-    assert calls[1] == calls[2]
-    assert generate(runner, prompt_ids(tokenizer, "after"))[0].text == said("after")
+        def hold_the_service(piece):
+            if not hold_the_service.done:
+                hold_the_service.done = True
+                os.kill(service.pid, signal.SIGSTOP)
+                threading.Timer(1.3, os.kill, (service.pid, signal.SIGCONT)).start()
+        hold_the_service.done = False
+        with pytest.raises(RunnerDied, match="SIGSEGV"):
+            runner.generate(prompt_ids(tokenizer, "count to 100"), on_text=hold_the_service)
+    finally:
+        if runner is not None:
+            runner.close()
+        service.stop()
 
 
-def test_a_decode_that_fails_twice_prints_nothing_but_counts(make_runner, tokenizer, slow_decode):
-    # The vendor retries a failed /decode once after 1 s, then prints "" for that chunk and goes on.
-    runner = make_runner(stall_timeout=8)
-    slow_decode(nth=2, seconds=1.3)
-    slow_decode(nth=3, seconds=1.3)  # the retry is late too
-    result, _ = generate(runner, prompt_ids(tokenizer, "twice late"))
-    assert result.text == said("twice late")  # the unprinted chunk's text comes from its ids
-    assert result.ids == tokenizer.encode(result.text)
+def test_the_window_is_what_the_runner_says(make_runner, tokenizer):
+    # docs/PROTOCOL.md: the window is the layer models' mask size - 1, printed as max_token_len.
+    runner = make_runner(mask=101)
+    assert runner.window == 100
+    ids = prompt_ids(tokenizer, "count to 100")
+    result, _ = generate(runner, ids)
+    assert result.finish_reason == "length" and len(result.ids) == 101 - len(ids)
+
+
+def test_a_runner_stopped_at_its_prompt_is_found_out_within_seconds(make_runner, tokenizer):
+    # It never fetches the prompt: the driver does not wait the stall timeout (30 s) to say so.
+    runner = make_runner()
+    os.kill(runner.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(RunnerStalled, match="did not fetch the prompt"):
+        runner.generate(prompt_ids(tokenizer, "anyone?"))
+    assert time.monotonic() - started < ENCODE_SECONDS + 2
 
 
 def test_a_stop_string_completed_by_a_held_back_character(runner, tokenizer):

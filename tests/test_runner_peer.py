@@ -18,10 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from app.runner import protocol
-from app.runner.driver import Runner
 from app.runner.tokenizer_service import TokenizerService
-from helpers import EMULATOR, PROJECT_DIR, answer_to, emulator_env, prompt_ids, said, spawn_as_runner, wait_for
+from helpers import PROJECT_DIR, answer_to, prompt_ids, said, spawn_as_runner, wait_for
 
 HELPERS = PROJECT_DIR / "tests" / "helpers"
 SYSTEM_PYTHON = "/usr/bin/python3"  # ours may live where `nobody` cannot read
@@ -122,22 +120,6 @@ def test_a_call_made_before_the_spawn_returns_waits_for_the_pid(service):
     assert json.loads(other.communicate(timeout=30)[0].splitlines()[-1])["status"] is None  # (connected or not)
 
 
-def test_the_runner_reconnects_after_the_service_closed_its_idle_connection(tokenizer, tmp_path):
-    service = TokenizerService(tokenizer, idle_seconds=0.3).start()
-    runner = None
-    try:
-        runner = Runner(EMULATOR + protocol.vendor_flags(str(tmp_path / "model"), service.url), service, tmp_path,
-                        env=emulator_env(tokenizer))
-        first = runner.generate(prompt_ids(tokenizer, "before")).text
-        wait_for(lambda: not tcp_rows(port_of(service), "01"), 10, "the service to close the idle connection")
-        second = runner.generate(prompt_ids(tokenizer, "after")).text
-    finally:
-        if runner is not None:
-            runner.close()
-        service.stop()
-    assert (first, second) == (said("before"), said("after"))
-
-
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv4-mapped-ipv6"])
 def test_netlink_and_proc_net_tcp_find_the_same_caller(family):
     # The fallback for a kernel without sock_diag must name the same socket, and the same owner.
@@ -228,7 +210,8 @@ def test_without_proc_nobody_is_served_and_the_log_says_why_once(tmp_path):
                  "sh", "-c", 'mount -t tmpfs none /proc && exec "$@"', "sh"]
     card, started = start_card_process(tmp_path, wrap=hide_proc)
     try:
-        assert started["state"] == "unavailable" and "tokenizer init failed" in started["reason"], started
+        # Refused at its first call, the vendor's loop crashes (SIGSEGV), and the reason says why.
+        assert started["state"] == "unavailable" and "SIGSEGV" in started["reason"], started
         assert ask(card, failures=3)["failures"] >= 3  # the runner was refused at every start
     finally:
         card.stdin.close()

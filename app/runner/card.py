@@ -28,7 +28,7 @@ from app.runner.command import check_installation, choose_program, prepare_workd
 from app.runner.driver import GenerationResult, Runner
 from app.runner.errors import CardBusy, CardDead, CardUnavailable, QueueFull, RunnerError, RunnerStalled
 from app.runner.tokenizer_service import TokenizerService
-from app.runner import protocol
+from app.runner import emulated_model, protocol
 from app.text import traceback_without_message
 
 log = logging.getLogger(__name__)
@@ -403,11 +403,16 @@ class Card:
         self.progress = (0, protocol.LOAD_STEPS)
         try:
             self._take_lock()
+            self.service.ensure_running()  # a service that ended or hangs would kill the runner at its first call
             options = self.options
+            model_dir = options.model_dir
+            if self.program.emulated and not emulated_model.present(model_dir):
+                # No model here: the emulator opens a folder of stand-ins as the runner opens the real one.
+                model_dir = emulated_model.write(options.workdir.parent / "emulated-model")
             if not self.program.emulated:
-                check_installation(self.program, options.model_dir)
+                check_installation(self.program, model_dir)
             prepare_workdir(options.workdir, options.sampling)
-            command = self.program.argv_prefix + protocol.vendor_flags(options.model_dir, self.service.url)
+            command = self.program.argv_prefix + protocol.vendor_flags(model_dir, self.service.url)
             env = runner_env(self.program, options.emulator, self.tokenizer.folder)
             log.info("starting the runner: %s", self.program.description)
             self.runner = Runner(command, self.service, options.workdir, env=env,

@@ -37,6 +37,7 @@ from app.text import JsonScanner, marker_prefix_at_end, printable
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05          # how often a quiet generation checks for cancellation and stalls
+ENCODE_SECONDS = 5.0         # the runner fetches the prompt within milliseconds of its handle line; else it hangs
 REINTERRUPT_SECONDS = 0.3    # an interrupt not followed by the end notice within this is sent again
 PREFILL_SECONDS_PER_TOKEN = 0.25  # prompt tokens are fed one per step (~70 ms on the card); allow 3.5x that
 CLOSE_GRACE_SECONDS = 5.0
@@ -73,9 +74,11 @@ class Generation:
     """One prompt run on the runner: its limits, the output taken so far, its decode log, the caller's
     callbacks, and its timings. The Runner reads the child; this object decides what the bytes mean."""
 
-    def __init__(self, log, decoder, max_tokens, stops, on_text, cancelled, interrupt, json_value=None):
+    def __init__(self, log, decoder, max_tokens, stops, on_text, cancelled, interrupt, json_value=None,
+                 window=protocol.MAX_TOKEN_LEN):
         self.log = log                  # the tokenizer service's record of this prompt's /decode calls
         self.prompt_ids = log.prompt_ids
+        self.window = window            # the runner's, from its banner
         self.max_tokens = max_tokens
         self.stops = [s for s in stops if s]
         # A JSON answer ends with its first complete value ("{" or "[" says which kind): nothing after it
@@ -202,7 +205,7 @@ class Generation:
             self._take(calls[-1].ids[len(self.ids):], self.ended, may_interrupt=False)
         self.text += self._decoder.finish()
         self._apply_stops(may_interrupt=False)
-        window = protocol.MAX_TOKEN_LEN + 1 - len(self.prompt_ids)
+        window = self.window + 1 - len(self.prompt_ids)
         if self.reason == "cancelled":
             reason = "cancelled"
         elif self._cut_text_at is not None:
@@ -285,8 +288,13 @@ class Runner:
             raise RunnerStartError(f"cannot start the runner {self.command[0]}: {exc.strerror or exc}") from None
         self.child.delaybeforesend = None  # pexpect sleeps 50 ms before every send by default
         self.pid = self.child.pid
+        self.window = protocol.MAX_TOKEN_LEN  # until the banner says (the model's mask size - 1)
+        # One poll for the runner's terminal and the service's reports: a chunk's report always comes before
+        # the runner prints it, and both are taken as soon as either arrives.
+        self._service_fd = service.fileno()
         self._poller = select.poll()
         self._poller.register(self.child.child_fd, select.POLLIN)
+        self._poller.register(self._service_fd, select.POLLIN)
         try:
             self._wait_until_ready(startup_timeout, on_progress, abort)
         except BaseException:
@@ -303,7 +311,13 @@ class Runner:
         and a read per chunk, where read_nonblocking spends up to three polls and a waitpid - on the path of
         every streamed chunk.
         """
-        if not self._poller.poll(timeout * 1000):
+        ready = dict(self._poller.poll(timeout * 1000))
+        if self._service_fd in ready:
+            self.service.pump()
+            if not self.service.running:  # its process ended: nothing more will come from it
+                self._poller.unregister(self._service_fd)
+                self._service_fd = None
+        if self.child.child_fd not in ready:
             return b""
         try:
             data = os.read(self.child.child_fd, READ_SIZE)
@@ -340,6 +354,9 @@ class Runner:
             ready = seen.find(protocol.READY_PROMPT)
             if ready >= 0 and protocol.INIT_OK in seen:
                 self._leftover = seen[ready + len(protocol.READY_PROMPT):]
+                window = protocol.WINDOW_RE.search(seen)
+                if window:
+                    self.window = int(window.group(1))
                 return
 
     def _start_failure(self, seen):
@@ -364,6 +381,10 @@ class Runner:
             if time.monotonic() > deadline:
                 return "still running, output closed"
             time.sleep(0.01)
+        if self.child.signalstatus == signal.SIGSEGV:
+            # docs/PROTOCOL.md: what the vendor's loop does when a tokenizer call is refused or late.
+            return ("killed by signal 11, SIGSEGV: main_axcl crashes so when a call to the tokenizer service is "
+                    "refused or answered later than 1 s")
         if self.child.signalstatus is not None:
             return f"killed by signal {self.child.signalstatus}"
         return f"exit status {self.child.exitstatus}"
@@ -383,7 +404,8 @@ class Runner:
         self.usable = False  # until this generation ends cleanly
         log = self.service.register(prompt_ids)
         generation = Generation(log, self.service.tokenizer.incremental_decoder(), max_tokens, stop, on_text,
-                                cancelled, interrupt=lambda: interrupt(self.child), json_value=json_value)
+                                cancelled, interrupt=lambda: interrupt(self.child), json_value=json_value,
+                                window=self.window)
         try:
             try:
                 self.child.send(log.handle.encode("ascii") + b"\n")
@@ -404,6 +426,7 @@ class Runner:
         last_activity = generation.started
         prefill_allowance = len(generation.prompt_ids) * PREFILL_SECONDS_PER_TOKEN
         while True:
+            self.service.pump()  # reports already sent: a chunk's comes before the runner prints it
             pos, state = self._account(buf, generation)
             if state == "ended":
                 return
@@ -417,6 +440,10 @@ class Runner:
             total_calls = generation.log.call_count
             if total_calls != calls_seen:
                 calls_seen, last_activity = total_calls, now
+            if generation.log.encoded_at is None and now - generation.started > ENCODE_SECONDS:
+                # Stopped, or stuck in the card's driver, before it even read the line.
+                raise RunnerStalled(f"the runner did not fetch the prompt within {ENCODE_SECONDS:g} s of its "
+                                    "handle line")
             allowance = self.stall_timeout + (prefill_allowance if generation.first_id_at is None else 0)
             if now - last_activity > allowance:
                 pending = generation.log.calls(generation.taken)
@@ -460,25 +487,10 @@ class Runner:
                     continue
                 if printed.startswith(bytes(buf[pos:])):
                     return pos, "partial"
-                if self._moved_on(buf, pos, calls):
-                    # The runner never got this answer (it retries a /decode once, then prints nothing for
-                    # that chunk and goes on): its ids count all the same, and their text is ours to give.
-                    generation.take_call(calls[0], time.monotonic())
-                    continue
             line_end = self._stray_line_end(buf, pos)
             if line_end is None:
                 return pos, ("unknown" if pos < len(buf) else "partial")
             pos = line_end
-
-    @staticmethod
-    def _moved_on(buf, pos, calls):
-        """Whether calls[0] is a live chunk (at most 3 ids) the runner went past without printing it: what it
-        printed at `pos` is the next chunk's text, or the end."""
-        if len(calls[0].ids) > 3:
-            return False
-        if len(calls) > 1 and calls[1].printed and buf.startswith(calls[1].printed.encode("utf-8"), pos):
-            return True
-        return not calls[0].maybe_final and protocol.END_RE.match(buf, pos) is not None
 
     def _ended(self, buf, pos, generation):
         match = protocol.END_RE.match(buf, pos)

@@ -36,18 +36,20 @@ Environment (the driver sets these from the config's `runner.emulator` section):
   QWEN_EMULATOR_TRACE       file to append "start|end <unix time>" lines to, one pair per generation, with a
                             "decode <seconds>" line per /decode round trip in between (benchmarks read it)
 """
-import http.client
+import functools
 import json
+import mmap
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import urllib.parse
 from pathlib import Path
 
 from app.paths import INSTANCE_DIR
-from app.runner import protocol
+from app.runner import emulated_model, protocol
 
 BUILD_TIME = b"build time: Feb 13 2025 15:44:57\n"
 
@@ -116,49 +118,85 @@ def parse_args(argv):
 
 
 # -- the tokenizer service, as the runner's HTTP client ------------------------------------------------
-class TokenizerClient:
-    """Keeps one connection, with the vendor's 1 s timeouts. Failures are the caller's to handle (the
-    vendor retries /decode once after 1 s and never retries /encode); the only resend here is the one any
-    keep-alive client makes, when a reused connection turns out to have been closed by the server."""
+class Unreachable(Exception):
+    """A call that was refused, or not answered within the client's 1 s: the vendor's runner crashes."""
 
-    STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+
+class BadAnswer(Exception):
+    """A call answered with another status than 200, or with a body that is not the JSON expected."""
+
+
+class TokenizerClient:
+    """cpp-httplib 0.15.3 as the vendor's loop uses it (docs/PROTOCOL.md, "Seen in the vendor's own loop"): a new
+    connection for every call, `Connection: close`, its headers in its order, compact JSON, and 1 s connect,
+    write and read timeouts (the read timeout bounds each wait for data, not the whole call)."""
+
+    TIMEOUT = 1.0
+    USER_AGENT = "cpp-httplib/0.15.3"
 
     def __init__(self, base_url):
         parsed = urllib.parse.urlsplit(base_url)
         if parsed.scheme != "http" or not parsed.hostname:
             raise ValueError(f"tokenizer URL must be http://host:port, got {base_url!r}")
         self.host, self.port = parsed.hostname, parsed.port or 80
-        self.conn = None
+
+    def request_bytes(self, method, path, body=None):
+        headers = [("Accept", "*/*"), ("Connection", "close")]
+        payload = b""
+        if body is not None:
+            payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+            headers += [("Content-Length", str(len(payload))), ("Content-Type", "application/json")]
+        headers += [("Host", f"{self.host}:{self.port}"), ("User-Agent", self.USER_AGENT)]
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+        return head.encode("ascii") + payload
 
     def call(self, method, path, body=None):
-        payload = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
-        reused = self.conn is not None
+        """The answer's JSON. Raises Unreachable (refused, or a wait longer than 1 s) or BadAnswer."""
         try:
-            return self._exchange(method, path, payload, headers)
-        except self.STALE:
-            self._drop()
-            if not reused:
-                raise
-            return self._exchange(method, path, payload, headers)  # the server had closed the idle connection
-        except (OSError, http.client.HTTPException, ValueError):
-            self._drop()
-            raise
+            sock = socket.create_connection((self.host, self.port), timeout=self.TIMEOUT)
+        except OSError as exc:
+            raise Unreachable(str(exc)) from None
+        with sock:
+            try:
+                sock.sendall(self.request_bytes(method, path, body))
+                status, data = self._response(sock)
+            except (OSError, ValueError) as exc:  # a timeout, a reset, a response that is not HTTP
+                raise Unreachable(str(exc)) from None
+        if status != 200:
+            raise BadAnswer(f"status {status}")
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise BadAnswer("unparsable JSON") from None
 
-    def _exchange(self, method, path, payload, headers):
-        if self.conn is None:
-            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=1.0)
-        self.conn.request(method, path, body=payload, headers=headers)
-        response = self.conn.getresponse()
-        data = response.read()
-        if response.status != 200:
-            raise ValueError(f"HTTP {response.status}")
-        return json.loads(data)
+    @staticmethod
+    def _response(sock):
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ValueError("closed before the answer's head")
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        length = next((int(line.split(b":", 1)[1]) for line in lines[1:]
+                       if line.lower().startswith(b"content-length:")), None)
+        while length is None or len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                if length is None:
+                    break  # the body ends with the connection
+                raise ValueError("closed before the answer's body")
+            body += chunk
+        return status, body[:length] if length is not None else body
 
-    def _drop(self):
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+
+def crash():
+    """What the vendor's loop does when its tokenizer client fails outright: die by SIGSEGV."""
+    signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGSEGV)
+    time.sleep(60)  # the signal is delivered at once; this is never reached
 
 
 # -- the reply -----------------------------------------------------------------------------------------
@@ -289,6 +327,28 @@ def hang_forever():
         time.sleep(3600)
 
 
+class ProgressBar:
+    """The loading bar, byte for byte as the vendor's cqdm prints it (one line per step)."""
+
+    def __init__(self, total):
+        self.total = total
+        self.done = 0
+        self.started = time.monotonic()
+        out(b"\x1b[1;30;33m")
+
+    def step(self, name):
+        self.done += 1
+        i, total = self.done, self.total
+        elapsed = time.monotonic() - self.started
+        rate = i / max(elapsed, 0.002)
+        blocks = min(i + 1, 32)
+        spaces = 34 - blocks if i < total else 1
+        line = (f"\n{i * 100 // total:3d}% | {'█' * blocks}{' ' * spaces}| {i:3d} / {total:3d} "
+                f"[{elapsed:.2f}s<{elapsed / i * total:.2f}s, {rate:.2f} count/s] ")
+        tail = "\x1b[1;30;32m" + name + ("\x1b[0m\x1b[1;30;33m" if i < total else "\n\x1b[0m")
+        out((line + tail).encode())
+
+
 # -- the runner ----------------------------------------------------------------------------------------
 class Emulator:
     def __init__(self, opts):
@@ -300,6 +360,8 @@ class Emulator:
         self.client = TokenizerClient(opts.get("filename_tokenizer_model", ""))
         self.tokenizer = None
         self.eos_id = protocol.EOS_ID
+        self.window = protocol.MAX_TOKEN_LEN  # until the layer models say (their mask size - 1)
+        self.embedding = None                 # the embedding table, mapped shared and read-write
 
     def on_sigint(self, signum, frame):
         self.interrupted = True
@@ -324,7 +386,9 @@ class Emulator:
         try:
             bos = self.client.call("GET", "/bos_id")["bos_id"]
             self.eos_id = self.client.call("GET", "/eos_id")["eos_id"]
-        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
+        except Unreachable:
+            crash()  # a tokenizer service that is down or late at start kills the vendor's loop too
+        except (BadAnswer, KeyError, TypeError):
             out(protocol.log_line("E", "Init", 131, "tokenizer init failed"))
             raise Stop(1) from None
         out(f"bos_id: {bos}, eos_id: {self.eos_id}\n".encode())
@@ -335,96 +399,136 @@ class Emulator:
             raise Stop(1) from None
         default_load_ms = "300" if fault == "slow_start" else "0"
         load_s = float(os.environ.get("QWEN_EMULATOR_LOAD_MS", default_load_ms)) / 1000.0
-        self.progress(load_s)
-        out(protocol.log_line("I", "Init", 226, f"max_token_len : {protocol.MAX_TOKEN_LEN}"))
-        out(protocol.log_line("I", "Init", 231, "kv_cache_size : 256, kv_cache_num: 1024"))
+        self.load_model(load_s)
+        out(protocol.log_line("I", "Init", 226, f"max_token_len : {self.window}"))
+        out(protocol.log_line("I", "Init", 231, f"kv_cache_size : 256, kv_cache_num: {self.window}"))
         self.load_config()
         out(protocol.log_line("I", "Init", 288, "LLM init ok"))
         out(protocol.READY_PROMPT[:-len(protocol.PROMPT)])
 
-    def progress(self, load_s):
-        """The 31-step loading bar, byte for byte as the vendor's cqdm prints it."""
-        names = ["tokenizer init ok", "embed_selector init ok"]
-        names += [f"init {i} axmodel ok,remain_cmm(-1 MB)" for i in range(protocol.LAYERS)]
-        names.append("init post axmodel ok")
-        total = len(names)
-        started = time.monotonic()
-        out(b"\x1b[1;30;33m")
-        for i, name in enumerate(names, start=1):
+    def load_model(self, load_s):
+        """Open the model's files as the vendor's loop does, each step reported on the 31-step loading bar."""
+        layer_template = self.opts.get("template_filename_axmodel", "")
+        steps = [("tokenizer init ok", None), ("embed_selector init ok", self.open_embedding)]
+        steps += [(f"init {i} axmodel ok,remain_cmm(-1 MB)", functools.partial(self.open_layer, layer_template, i))
+                  for i in range(int(self.opts.get("axmodel_num", protocol.LAYERS)))]
+        steps.append(("init post axmodel ok", functools.partial(self.open_layer, self.opts.get(
+            "filename_post_axmodel", ""), None)))
+        bar = ProgressBar(len(steps))
+        for i, (name, action) in enumerate(steps, start=1):
             if i > 1 and load_s > 0:
                 time.sleep(load_s)
-            elapsed = time.monotonic() - started
-            rate = i / max(elapsed, 0.002)
-            blocks = min(i + 1, 32)
-            spaces = 34 - blocks if i < total else 1
-            line = (f"\n{i * 100 // total:3d}% | {'█' * blocks}{' ' * spaces}| {i:3d} / {total:3d} "
-                    f"[{elapsed:.2f}s<{elapsed / i * total:.2f}s, {rate:.2f} count/s] ")
-            tail = "\x1b[1;30;32m" + name + ("\x1b[0m\x1b[1;30;33m" if i < total else "\n\x1b[0m")
-            out((line + tail).encode())
+            if action is not None:
+                action()
+            bar.step(name)
+
+    def open_embedding(self):
+        """The embedding table is opened read-write and mapped shared: a read-only one crashes the runner."""
+        path = self.opts.get("filename_tokens_embed", "")
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            crash()
+        try:
+            self.embedding = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError):  # an empty file cannot be mapped
+            crash()
+        finally:
+            os.close(fd)
+
+    def open_layer(self, template, index):
+        path = template.replace("%d", str(index)) if index is not None else template
+        try:
+            mask = emulated_model.mask_size(path)
+        except OSError:
+            out(b"\n" + protocol.log_line("E", "Init", 194, f"init axmodel({path}) failed"))
+            raise Stop(1) from None
+        if index == 0:
+            self.window = mask - 1  # the window is the layer models' mask size - 1
 
     def load_config(self):
+        """post_config.json from the working directory: missing, a red and a yellow line and greedy decoding;
+        malformed, the program aborts (as nlohmann::json's parse error does, uncaught)."""
         try:
-            config = json.loads(Path("post_config.json").read_text())
-        except (OSError, ValueError):
-            out(protocol.log_line("W", "load_config", 273, "load post_config.json failed"))
+            text = Path("post_config.json").read_text()
+        except OSError:
+            out(protocol.log_line("E", "load_config", 268, "open post_config.json failed"))
+            out(protocol.log_line("W", "load_config", 273, "load post_config.json failed, use default config"))
             return
+        try:
+            config = json.loads(text)
+        except ValueError:
+            os.abort()
         dump = json.dumps(config, indent=4, sort_keys=True)
         out(protocol.log_line("I", "load_config", 282, f"load config: \n{dump}\n"))
 
     # one generation ---------------------------------------------------------------------------------
+    def encode(self, line):
+        """/encode as the vendor calls it: never retried. A failure leaves an empty id list that the loop then
+        indexes (undefined behaviour): here, the crash it usually is."""
+        try:
+            ids = self.client.call("POST", "/encode", {"text": line})["token_ids"]
+        except (Unreachable, BadAnswer, KeyError, TypeError):
+            crash()
+        if not isinstance(ids, list) or not ids:
+            crash()
+        return ids
+
     def decode(self, ids):
-        """/decode as the vendor calls it: one retry after 1 s, then the empty string."""
+        """/decode as the vendor calls it. Refused or later than 1 s: the process dies (SIGSEGV). Another status
+        or unparsable JSON: two [E] lines, 1 s, one retry (the same again on failure), then ""."""
         for attempt in (1, 2):
+            sent = time.perf_counter()
             try:
-                sent = time.perf_counter()
                 text = self.client.call("POST", "/decode", {"token_ids": ids})["text"]
-                self.record(f"decode {time.perf_counter() - sent:.6f}")
-                return text
-            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
-                out(protocol.log_line("E", "Decode", 76, "decode request failed"))
-                if attempt == 1:
-                    time.sleep(1.0)
+            except Unreachable:
+                self.record(f"decode-failed {time.perf_counter() - sent:.6f}")
+                crash()
+            except (BadAnswer, KeyError, TypeError) as exc:
+                out(protocol.log_line("E", "Decode", 412, f"decode failed: {exc}"))
+                out(protocol.log_line("E", "Decode", 413, "retry after 1s" if attempt == 1 else "give up"))
+                time.sleep(1.0)
+                continue
+            self.record(f"decode {time.perf_counter() - sent:.6f}")
+            return text if isinstance(text, str) else ""
         return ""
 
     def run(self, line):
+        """One generation, step by step as the vendor's loop runs it: the prompt fed one id per step (the last
+        prompt step samples the first output id), then one id per step; the stop flag checked once per step,
+        after its id is sampled, so that the step a SIGINT interrupts still adds its id."""
         self.interrupted = False  # the vendor clears its stop flag at the start of every Run()
-        try:
-            prompt_ids = self.client.call("POST", "/encode", {"text": line})["token_ids"]
-        except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError):
-            out(protocol.log_line("E", "Encode", 61, "encode request failed"))
-            raise Stop(1) from None  # docs/PROTOCOL.md: a failed /encode is not retried and can crash the runner
+        prompt_ids = self.encode(line)
         self.record(f"start {time.time():.6f}")
         fault, fault_after = current_fault()
         started = time.monotonic()
         prompt_len = len(prompt_ids)
-        budget = protocol.MAX_TOKEN_LEN + 1 - prompt_len  # output ids the window leaves room for
-        outputs, cached = [], []
-
-        # The prompt is fed one token per step (this build has no batched prefill).
-        for _ in range(min(prompt_len, protocol.MAX_TOKEN_LEN)):
+        budget = self.window + 1 - prompt_len  # output ids the window leaves room for
+        outputs, pending = [], []
+        for _ in range(min(prompt_len, self.window) - 1):  # steps that only feed the prompt
             if self.interrupted:
                 break
             self.step()
-        if budget > 0 and not self.interrupted:
+        else:
             text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
             reply = self.tokenizer.encode(reply_text(text), add_special_tokens=False).ids + [self.eos_id]
             for token in reply:
+                if len(outputs) >= budget:
+                    break  # the window is used up: pending ids are not printed
+                self.step()  # feeds the last position and samples `token`
                 if token == self.eos_id:
-                    if cached and self.live_print:
-                        out(self.decode(cached).encode())
+                    if pending and self.live_print:
+                        out(self.decode(pending).encode())
                     break
                 outputs.append(token)
-                cached.append(token)
+                pending.append(token)
                 if len(outputs) == fault_after and fault in ("crash", "hang", "dead"):
                     self.fault(fault)
-                if len(cached) >= 3 and self.live_print:
-                    out(self.decode(cached).encode())
-                    cached = []
-                if len(outputs) >= budget or self.interrupted:
-                    break
-                self.step()  # the next step feeds this token and samples the next one
+                if len(pending) == 3 and self.live_print:
+                    out(self.decode(pending).encode())
+                    pending = []
                 if self.interrupted:
-                    break
+                    break  # pending ids are not printed
         elapsed = max(time.monotonic() - started, 1e-6)
         out(protocol.end_notice((prompt_len + len(outputs)) / elapsed))
         final = self.decode(outputs)

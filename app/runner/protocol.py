@@ -48,6 +48,12 @@ FLAGS = (
     "use_mmap_load_embed", "dynamic_load_axmodel_layer", "live_print", "continue",
 )
 MODEL_SUBDIR = "qwen2.5-1.5b-gptq-int4-ax650"
+LAYER_FILE = "qwen2_p128_l{}_together.axmodel"
+POST_FILE = "qwen2_post.axmodel"
+EMBED_FILE = "model.embed_tokens.weight.bfloat16.bin"  # opened read-write and mapped shared by the runner
+TOKENS_EMBED_NUM, TOKENS_EMBED_SIZE = 151936, 1536
+# The window the runner found in the layer models (their mask size - 1), in its banner.
+WINDOW_RE = re.compile(rb"max_token_len : (\d+)")
 
 
 def vendor_flags(model_dir, tokenizer_url):
@@ -55,14 +61,14 @@ def vendor_flags(model_dir, tokenizer_url):
     sub = f"{model_dir}/{MODEL_SUBDIR}"
     return [
         "--prompt", "",
-        "--template_filename_axmodel", f"{sub}/qwen2_p128_l%d_together.axmodel",
+        "--template_filename_axmodel", f"{sub}/{LAYER_FILE.format('%d')}",
         "--axmodel_num", str(LAYERS),
         "--tokenizer_type", "2",
         "--filename_tokenizer_model", tokenizer_url,
         "--bos", "0", "--eos", "0",
-        "--filename_post_axmodel", f"{sub}/qwen2_post.axmodel",
-        "--filename_tokens_embed", f"{sub}/model.embed_tokens.weight.bfloat16.bin",
-        "--tokens_embed_num", "151936", "--tokens_embed_size", "1536",
+        "--filename_post_axmodel", f"{sub}/{POST_FILE}",
+        "--filename_tokens_embed", f"{sub}/{EMBED_FILE}",
+        "--tokens_embed_num", str(TOKENS_EMBED_NUM), "--tokens_embed_size", str(TOKENS_EMBED_SIZE),
         "--use_mmap_load_embed", "1",
         "--dynamic_load_axmodel_layer", "0",
         "--live_print", "1",

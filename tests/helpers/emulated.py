@@ -5,9 +5,17 @@ import re
 import sys
 
 from app.paths import PROJECT_DIR
+from app.runner import emulated_model, protocol
 
 EMULATOR = [sys.executable, "-m", "app.runner.emulator"]
 MODEL = "Qwen2.5-1.5B-Instruct"  # the served name; requests may also use an alias such as "qwen2.5"
+
+
+def emulator_command(model_dir, tokenizer_url, mask=emulated_model.DEFAULT_MASK):
+    """The emulated runner's command line, as the Card builds it, on an emulated model folder written first
+    (its layer files give the window: mask - 1)."""
+    emulated_model.write(model_dir, mask)
+    return EMULATOR + protocol.vendor_flags(str(model_dir), tokenizer_url)
 
 
 def said(text):

@@ -59,6 +59,14 @@ def children(pid):
     return found
 
 
+def is_tokenizer_service(pid):
+    """Whether a process is the tokenizer service's (app/runner/tokenizer_server.py)."""
+    try:
+        return b"app.runner.tokenizer_server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -148,7 +156,11 @@ class LiveServer:
         return children(self.proc.pid)
 
     def runner_pids(self):
-        return [pid for worker in self.worker_pids() for pid in children(worker)]
+        """The worker's runner (its other child is the tokenizer service: tokenizer_service_pids())."""
+        return [pid for worker in self.worker_pids() for pid in children(worker) if not is_tokenizer_service(pid)]
+
+    def tokenizer_service_pids(self):
+        return [pid for worker in self.worker_pids() for pid in children(worker) if is_tokenizer_service(pid)]
 
     def stop(self):
         if self.proc.poll() is None:
