@@ -115,6 +115,10 @@ class _CardCollector:
         for name in NPU_STATUSES:
             npu.add_metric([name], 1 if card.npu == name else 0)
         yield npu
+        retried = CounterMetricFamily("qwen_chat_generations_retried", "Generations run again (once) on a new "
+                                      "runner after the runner failed under them before their client saw text")
+        retried.add_metric([], card.retries)
+        yield retried
         restarts = CounterMetricFamily("qwen_chat_runner_restarts", "Runner starts after the first")
         restarts.add_metric([], card.restarts)
         yield restarts

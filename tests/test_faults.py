@@ -1,4 +1,5 @@
 """Holding up unattended, under real gunicorn with the emulated runner's fault modes."""
+import contextlib
 import json
 import os
 import random
@@ -227,3 +228,77 @@ def test_sigterm_cancels_the_running_stream_and_quits_the_runner(start_server):
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "shutting_down"
     assert not alive(runner)
     assert "Worker exiting" in server.log()
+
+
+# -- a runner that dies or hangs under a request ---------------------------------------------------------------
+def generating(server):
+    """Until the runner is at work on a generation (the card busy, its first text out)."""
+    server.wait_until_busy()
+
+
+def test_a_runner_killed_under_a_request_runs_it_again_and_the_client_gets_it_whole(start_server):
+    server = start_server(runner={"emulator": {"token_ms": 20}})
+    (runner,) = server.runner_pids()
+    answer = {}
+    asking = threading.Thread(target=lambda: answer.update(response=chat(server, "count to 40")))
+    asking.start()
+    generating(server)
+    os.kill(runner, signal.SIGSEGV)  # as the vendor's loop dies when a tokenizer answer is late
+    asking.join(60)
+    response = answer["response"]
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == said("count to 40") + " " + \
+        ", ".join(map(str, range(1, 41))) + "."
+    assert server.metric("qwen_chat_generations_retried_total") == 1
+    assert server.health()[1]["details"]["restarts"] == 1 and runner not in server.runner_pids()
+
+
+def test_a_late_tokenizer_answer_kills_the_runner_and_the_request_is_still_answered(start_server):
+    # The tokenizer service's process held for 1.3 s: the runner's /decode times out and it dies by SIGSEGV
+    # (docs/PROTOCOL.md). Before the next runner starts, the service that did not answer is replaced.
+    server = start_server(runner={"emulator": {"token_ms": 20}})
+    (service,) = server.tokenizer_service_pids()
+    answer = {}
+    asking = threading.Thread(target=lambda: answer.update(response=chat(server, "late")))
+    asking.start()
+    generating(server)
+    os.kill(service, signal.SIGSTOP)
+    try:
+        asking.join(60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # (it was replaced: killed)
+            os.kill(service, signal.SIGCONT)
+    assert answer["response"].status_code == 200, answer["response"].text
+    assert answer["response"].json()["choices"][0]["message"]["content"] == said("late")
+    assert server.metric("qwen_chat_generations_retried_total") == 1
+    assert server.tokenizer_service_pids() != [service]  # replaced
+    assert "SIGSEGV" in server.log()
+
+
+def test_a_runner_stopped_while_idle_costs_the_next_request_seconds_not_an_error(start_server):
+    server = start_server()
+    (runner,) = server.runner_pids()
+    os.kill(runner, signal.SIGSTOP)
+    assert server.health()[0] == 200  # nothing tells, until a prompt goes unread
+    started = time.monotonic()
+    response = chat(server, "still there?")
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == said("still there?")
+    assert time.monotonic() - started < 10
+    assert server.metric("qwen_chat_generations_retried_total") == 1
+
+
+def test_a_runner_killed_after_text_was_streamed_ends_the_stream_with_an_error(start_server):
+    server = start_server(runner={"emulator": {"token_ms": 20}})
+    (runner,) = server.runner_pids()
+    events = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "count to 300"}]}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
+                if len(events) == 3:
+                    os.kill(runner, signal.SIGSEGV)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "runner_exited"
+    assert "SIGSEGV" in events[-2]["error"]["message"]
+    assert server.metric("qwen_chat_generations_retried_total") == 0
+    assert chat(server, "after").json()["choices"][0]["message"]["content"] == said("after")

@@ -65,8 +65,8 @@ class Done:
 
 @dataclass(frozen=True)
 class Requeued:
-    """The job was preempted by a person's request before its client saw any text: it waits again, at the head
-    of its class, and runs again from the start."""
+    """The job was preempted by a person's request, or the runner failed under it, before its client saw any
+    text: it waits again, at the head of its class, and runs again from the start."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,7 @@ class Job:
         self.json_value = json_value  # "{" or "[": stop after the first complete JSON value (structured.py)
         self.klass = klass
         self.streamed = streamed      # its text goes to the client as it comes (else all at the end)
+        self.retried = False          # card thread: it ran again once already, after the runner failed under it
         self.enqueued_at = time.monotonic()
         self.started_at = None        # card thread: when its (latest) run started...
         self.finished_at = None       # ...and ended, whatever the outcome
@@ -297,6 +298,7 @@ class Card:
         self.failures = 0             # consecutive failures (start-up or mid-generation)
         self.busy = False
         self.preemptions = 0          # background generations interrupted for a person
+        self.retries = 0              # generations run again after the runner failed under them
         self._last_active = time.monotonic()  # the runner last answered (a generation or a probe)
         self.retry_at = None
 
@@ -459,9 +461,18 @@ class Card:
             result = self.runner.generate(job.prompt_ids, max_tokens=job.max_tokens, stop=job.stop,
                                           on_text=on_text, cancelled=should_stop, json_value=job.json_value)
         except RunnerError as exc:
-            job._put(Failed(exc))
             self._drop_runner(force=isinstance(exc, RunnerStalled))
             self._failed(exc, unavailable=isinstance(exc, CardDead))
+            if not job.retried and not job.cancelled and not (job.streamed and job.text_sent) \
+                    and self.state != "unavailable":
+                # Its client has seen nothing: it waits for the new runner and runs again, once, from the start.
+                job.retried = True
+                self.retries += 1
+                log.info("a generation the runner failed under will run again once the runner is back")
+                job._put(Requeued())
+                self._queue.requeue(job)
+            else:
+                job._put(Failed(exc))
         except Exception as exc:  # a bug of ours: the runner's state is unknown, so restart it
             log.error("generation failed: %s", traceback_without_message(exc))
             error = internal_error(exc)
