@@ -134,6 +134,9 @@ class ContextConfig(_Strict):
     reserve_tokens = fields.Integer(load_default=256, validate=validate.Range(1, 1023))
     # The answer's room when only some tool definitions fit: a tool call is short (README, Home Assistant).
     tool_reserve_tokens = fields.Integer(load_default=80, validate=validate.Range(1, 1023))
+    # What one request may hold (a 400 beyond): far above real clients (Open WebUI: 200 messages, 36 tools).
+    max_messages = fields.Integer(load_default=2000, validate=validate.Range(1, 1_000_000))
+    max_tools = fields.Integer(load_default=512, validate=validate.Range(0, 1_000_000))
 
 
 def _regex(value):

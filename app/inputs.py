@@ -2,7 +2,7 @@
 400s, never 500s."""
 import json
 
-from flask import request
+from flask import current_app, request
 from jinja2 import TemplateError
 from werkzeug.exceptions import HTTPException
 
@@ -19,12 +19,29 @@ def read_body(schema, example):
     """(the JSON body as sent, the body loaded by `schema`). Fields the schema does not know are ignored, as
     vLLM ignores them, and their names go into the request's log line (vLLM logs them too)."""
     raw = read_json(example)
+    check_counts(raw)
     body = schema.load(raw)
     ignored = [name for name in raw if name not in schema.fields]
     record = current_record()
     if ignored and record is not None:
         record.ignored_fields = ignored[:MAX_IGNORED_LOGGED] + (["..."] if len(ignored) > MAX_IGNORED_LOGGED else [])
     return raw, body
+
+
+# What a request may hold, checked before anything is done with it: each message and tool costs the worker
+# time to validate and weigh, whatever the window keeps of it.
+COUNTED = (("messages", "max_messages", "messages"), ("tools", "max_tools", "tool definitions"))
+
+
+def check_counts(raw):
+    """A 400 naming the limit (context.max_messages, context.max_tools) when the body holds more."""
+    limits = current_app.config["QWEN"]["context"]
+    for field, key, what in COUNTED:
+        given = raw.get(field)
+        if isinstance(given, list) and len(given) > limits[key]:
+            raise APIError(400, f"This request has {len(given):,} {what}; this server takes at most "
+                           f"{limits[key]:,} (context.{key}). Leave out the oldest or unused ones.",
+                           param=field, code=f"too_many_{field}")
 
 
 def read_json(example):

@@ -46,11 +46,21 @@ class Fit:
         return bool(self.dropped_messages or self.dropped_tools or self.compacted_tools)
 
 
-@dataclass
 class _Group:
-    messages: list
-    tokens: int
-    droppable: bool
+    """Messages that stay or go together, and their tokens: counted when first asked for (a long conversation
+    is counted from its newest turns only as far as the window reaches)."""
+
+    def __init__(self, messages, count, droppable):
+        self.messages = messages
+        self.droppable = droppable
+        self._count = count
+        self._tokens = None
+
+    @property
+    def tokens(self):
+        if self._tokens is None:
+            self._tokens = self._count(self.messages)
+        return self._tokens
 
 
 class Conversation:
@@ -72,7 +82,6 @@ class Conversation:
 
     @functools.cached_property
     def groups(self):
-        """Counted only when the whole conversation does not fit: most requests never need it."""
         return self._groups(self._rest)
 
     # -- the whole prompt ------------------------------------------------------------------------------
@@ -117,28 +126,49 @@ class Conversation:
         content = self.messages[last_user]["content"]
         return " ".join([content if isinstance(content, str) else "", *filter(None, called)])
 
+    def tool_tokens(self, up_to):
+        """What the tool definitions, as sent, add to the prompt (the tools block and tool_choice's turn
+        included); None as soon as that is more than `up_to` (3,000 tools are not all counted to find out)."""
+        tools = self.tools
+        if not tools:
+            return 0
+        total = self._tool_block(tools[0])
+        for tool in tools:
+            total += self._line_tokens(tool_json(tool) + "\n")
+            if total > up_to:
+                return None
+        return total
+
+    def total_tokens(self):
+        """The whole prompt as sent, counted (for messages that say how long it is)."""
+        return (self.head_tokens(self.tools) + sum(g.tokens for g in self.groups)
+                + ENDING_TOKENS[self.ending])
+
+    def _line_tokens(self, text):
+        return len(self.tokenizer.encode(text))
+
+    def _tool_block(self, tool):
+        """What the tools block adds besides the tools' own lines (its instructions, tags; tool_choice's turn):
+        the lines add up exactly, since each starts after a newline and ends with one."""
+        return self.head_tokens([tool]) - self.head_tokens([]) - self._line_tokens(tool_json(tool) + "\n")
+
     def select_tools(self, budget):
         """The tools the request needs most that fit `budget` tokens (tool_selection.py)."""
-        tools = self.tools
-        first = tool_json(tools[0]) + "\n"
-        line_tokens = lambda text: len(self.tokenizer.encode(text))  # noqa: E731
-        # What the tools block adds besides the tools' own lines (its instructions, tags; tool_choice's turn):
-        # the lines add up exactly, since each starts after a newline and ends with one.
-        block = self.head_tokens(tools[:1]) - self.head_tokens([]) - line_tokens(first)
         context = [m["content"] for m in self.messages if m["role"] == "system" and isinstance(m["content"], str)]
-        return select(tools, self.request_text(), budget, line_tokens, block, keep=self.keep_tool, context=context)
+        return select(self.tools, self.request_text(), budget, self._line_tokens, self._tool_block(self.tools[0]),
+                      keep=self.keep_tool, context=context)
 
     def _groups(self, messages):
         """Later system messages each on their own (kept), then exchanges: each user turn with the messages
         after it, the oldest droppable, the last one kept with whatever follows it."""
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
         if last_user is None:  # no user turn at all: nothing can be dropped
-            return [_Group(list(messages), self._count(messages), droppable=False)] if messages else []
+            return [_Group(list(messages), self._count, droppable=False)] if messages else []
         groups, current = [], []
 
         def close(droppable):
             if current:
-                groups.append(_Group(list(current), self._count(current), droppable))
+                groups.append(_Group(list(current), self._count, droppable))
                 current.clear()
 
         for i, message in enumerate(messages):
@@ -149,7 +179,7 @@ class Conversation:
                 break
             if message["role"] == "system":
                 close(droppable=True)
-                groups.append(_Group([message], self._count([message]), droppable=False))
+                groups.append(_Group([message], self._count, droppable=False))
             elif message["role"] == "user":
                 close(droppable=True)
                 current.append(message)
@@ -158,45 +188,52 @@ class Conversation:
         return groups
 
 
+def newest_that_fit(groups, room):
+    """How many of the newest `groups` fit in `room` tokens (counting stops at the first that does not)."""
+    fitting = 0
+    for group in reversed(groups):
+        if group.tokens > room:
+            break
+        room -= group.tokens
+        fitting += 1
+    return fitting
+
+
 def fit(conversation, window, reserve, overflow="truncate", tool_reserve=None):
     """The prompt to feed the card: the whole conversation when it leaves `reserve` tokens of `window` for the
     answer, else (overflow "truncate") the oldest exchanges left out, and when the tools alone leave no room,
     only the tools the request needs kept, with `tool_reserve` (at most `reserve`) left for the answer. Raises a
-    400 context_length_exceeded when even the system messages and the last turn cannot fit `window`."""
-    ids = conversation.render_ids()
-    if len(ids) + reserve <= window or (overflow == "error" and len(ids) <= window):
-        return Fit(ids)
-    if overflow == "error":
-        raise too_long(conversation, len(ids), window, ", and nothing is left out (context.overflow is error)")
+    400 context_length_exceeded when even the system messages and the last turn cannot fit `window`.
+
+    The cost is bounded by the window, not by the conversation: what always stays is counted, then the tools
+    and the earlier turns, newest first, only as far as they fit."""
     groups = conversation.groups
     kept = [g for g in groups if not g.droppable]
     droppable = [g for g in groups if g.droppable]
     # What always stays: the system turn, later system messages, the last turn, the prompt's end.
     fixed = conversation.head_tokens([]) + sum(g.tokens for g in kept) + ENDING_TOKENS[conversation.ending]
-    tools, tool_tokens, selection = conversation.tools, 0, None
-    if tools:
-        tool_tokens = conversation.head_tokens(tools) - conversation.head_tokens([])
-        if fixed + tool_tokens + reserve > window:
-            # Even without any earlier turn the tools leave no room: the ones the request needs stay.
-            selection = conversation.select_tools(window - min(tool_reserve or reserve, reserve) - fixed)
-            tools, tool_tokens = selection.tools, selection.tokens
+    # As sent, if it leaves the reserve (or, with overflow "error", if it fits at all).
+    limit = window if overflow == "error" else window - reserve
+    tool_tokens = conversation.tool_tokens(up_to=max(0, limit - fixed))
+    if (tool_tokens is not None and fixed + tool_tokens <= limit
+            and newest_that_fit(droppable, limit - fixed - tool_tokens) == len(droppable)):
+        return Fit(conversation.render_ids())
+    if overflow == "error":
+        raise too_long(conversation, window, ", and nothing is left out (context.overflow is error)")
+    tools, selection = conversation.tools, None
+    if tools and (tool_tokens is None or fixed + tool_tokens + reserve > window):
+        # Even without any earlier turn the tools leave no room: the ones the request needs stay.
+        selection = conversation.select_tools(window - min(tool_reserve or reserve, reserve) - fixed)
+        tools, tool_tokens = selection.tools, selection.tokens
     if fixed + tool_tokens > window:
-        raise too_long(conversation, len(ids), window,
-                       ", which cannot fit even with earlier turns and tool definitions left out")
-    # Earlier turns fill what is left of the window, leaving the answer its whole reserve.
-    room = window - reserve - fixed - tool_tokens
-    # Keep the newest exchanges that fit; drop the oldest.
-    dropped = len(droppable)
-    for group in reversed(droppable):
-        if group.tokens > room:
-            break
-        room -= group.tokens
-        dropped -= 1
+        raise too_long(conversation, window, ", which cannot fit even with earlier turns and tool definitions left out")
+    # Earlier turns fill what is left of the window, leaving the answer its whole reserve; the oldest go.
+    dropped = len(droppable) - newest_that_fit(droppable, window - reserve - fixed - tool_tokens)
     dropped_ids = {id(g) for g in droppable[:dropped]}
     chosen = [g for g in groups if id(g) not in dropped_ids]
     ids = conversation.render_ids(chosen, tools)
     if len(ids) > window:  # the counts are exact (tests hold them so); this only guards the card
-        raise too_long(conversation, len(ids), window, " after leaving out earlier turns")
+        raise too_long(conversation, window, " after leaving out earlier turns")
     fitted = Fit(ids, dropped_messages=sum(len(g.messages) for g in droppable[:dropped]),
                  dropped_tools=len(conversation.tools) - len(tools))
     if selection is not None:
@@ -217,8 +254,9 @@ def unfit_reason(selection, fixed, window, reserve):
             "Assist).")
 
 
-def too_long(conversation, prompt_tokens, window, why):
-    """The 400 that says what takes the space."""
+def too_long(conversation, window, why):
+    """The 400 that says what takes the space (counting all of it: the request's limits bound this)."""
+    prompt_tokens = conversation.total_tokens()
     groups = conversation.groups
     parts = [f"system {conversation.head_tokens([]):,} tokens"]
     if conversation.tools:

@@ -153,3 +153,28 @@ def test_a_broken_chunked_body_is_a_400(start_server):
                      b"Content-Type: application/json\r\n\r\nzz\r\n{}\r\n0\r\n\r\n")
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+
+
+# -- what one request may cost ---------------------------------------------------------------------------------
+def chat_of(count):
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(count)] + \
+        [{"role": "user", "content": "last"}]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/api/chat", "/tokenize"])
+def test_more_messages_or_tools_than_the_limits_is_a_400_that_names_the_limit(server, path):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for body, field, count, key in [({"messages": chat_of(10_000)}, "messages", "10,001", "context.max_messages"),
+                                    ({"messages": chat_of(1), "tools": [tool] * 3000}, "tools", "3,000",
+                                     "context.max_tools")]:
+        response = httpx.post(server.url + path, json={"model": MODEL, "stream": False, **body}, timeout=60)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        message = error if isinstance(error, str) else error["message"]
+        assert f"has {count} " in message and key in message
+        if not isinstance(error, str):
+            assert error["param"] == field and error["code"] == f"too_many_{field}"
+    # Within the limits, a long chat is answered (its oldest turns left out).
+    response = httpx.post(server.url + path, json={"model": MODEL, "stream": False, "messages": chat_of(1999)},
+                          timeout=60)
+    assert response.status_code == 200, response.text

@@ -160,3 +160,14 @@ def test_overflow_error_leaves_nothing_out(tokenizer):
     assert WINDOW - RESERVE < len(tokenizer.chat_ids(messages)) <= WINDOW
     assert fit(Conversation(tokenizer, messages), WINDOW, RESERVE, overflow="error").prompt_ids == \
         tokenizer.chat_ids(messages)
+
+
+def test_a_long_conversation_is_counted_only_as_far_as_the_window_reaches(tokenizer):
+    # The cost of fitting is bounded by the window, not by the conversation: 5,000 exchanges, few counted.
+    messages = [m for i in range(5000) for m in exchange(i, words=5)] + [{"role": "user", "content": "hello"}]
+    conversation = Conversation(tokenizer, messages, OPEN_WEBUI_TOOLS * 20)
+    fitted = fit(conversation, WINDOW, RESERVE)
+    counted = [g for g in conversation.groups if g._tokens is not None]
+    assert len(conversation.groups) == 5001 and len(counted) < 80
+    assert fitted.prompt_ids == tokenizer.chat_ids(messages[-len(messages) + fitted.dropped_messages:])
+    assert len(fitted.prompt_ids) <= WINDOW - RESERVE
