@@ -3,8 +3,6 @@ import atexit
 import logging
 import os
 
-from flask import Flask
-
 
 def create_app(test_config=None):
     """The application factory (as in Flask's tutorial).
@@ -13,6 +11,10 @@ def create_app(test_config=None):
     instead of the YAML file, and INSTANCE_PATH, the instance folder (lock file, runner working directory;
     QWEN_CHAT_INSTANCE in the environment sets it too, e.g. for a second service on another card).
     """
+    # Imported here, not above: the runner's own processes (the emulator, the tokenizer service) import app.runner
+    # only, and need none of Flask.
+    from flask import Flask
+
     from app import config
 
     test_config = dict(test_config or {})
@@ -43,6 +45,9 @@ def create_app(test_config=None):
     metrics.init_app(app, backend)  # counts what requestlog records (it adds itself as an observer)
     app.register_blueprint(health.bp)
     app.register_blueprint(openai_api.bp)
+    # /chat/completions, /completions and /models answer like their /v1 twins, as llama.cpp's server does: a
+    # client configured without /v1 just works.
+    app.register_blueprint(openai_api.bp, url_prefix="", name="openai_unprefixed")
     app.register_blueprint(ollama_api.bp)
     app.register_blueprint(tokenize_api.bp)
     app.register_blueprint(page.bp)

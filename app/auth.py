@@ -1,13 +1,13 @@
-"""API keys: `Authorization: Bearer <key>` on /v1/*, /api/*, /tokenize and /detokenize when server.api_key
-(or QWEN_CHAT_API_KEY) names any. /health and Ollama's `GET /` probe stay public; CORS preflights carry no
-credentials."""
+"""API keys: `Authorization: Bearer <key>` on /v1/* (and its twins without /v1), /api/*, /tokenize and
+/detokenize when server.api_key (or QWEN_CHAT_API_KEY) names any. /health and Ollama's `GET /` probe stay
+public; CORS preflights carry no credentials."""
 import hmac
 
 from flask import current_app, request
 
 from app.errors import APIError
 
-PROTECTED = ("/v1/", "/api/", "/tokenize", "/detokenize")
+PROTECTED = ("/v1/", "/api/", "/tokenize", "/detokenize", "/chat/completions", "/completions", "/models")
 
 
 def _presented_key():

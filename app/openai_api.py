@@ -93,9 +93,10 @@ def chat_tools(raw, body):
     tool_choice names is raw["tool_choice"]["function"]["name"]."""
     tools = raw.get("tools") if body["tools"] else None
     choice = body["tool_choice"]
+    if choice is not None and not tools:  # as OpenAI answers it, "none" and "auto" included
+        raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
+                       "specified.", param="tool_choice")
     if choice == "none" or not tools:
-        if choice not in (None, "none", "auto"):
-            raise APIError(400, "`tool_choice` needs `tools`.", param="tool_choice")
         return None, [], None
     names = tool_names(body["tools"])
     if isinstance(choice, dict) and choice["function"]["name"] not in names:

@@ -268,3 +268,25 @@ def test_an_error_before_the_stream_is_a_plain_http_error(make_app, tmp_path):
     response = chat(app.test_client(), stream=True)
     error = assert_openai_error(response, 503, code="card_unavailable")
     assert "Set AXCL device failed" in error["message"]
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions", "/models", "/models/qwen2.5"])
+def test_the_v1_endpoints_answer_without_v1_too(client, path):
+    # As llama.cpp's server and the vendor's newer one do: a client configured without /v1 just works.
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "no prefix"}], "prompt": "no prefix"}
+    ours = client.post(path, json=body) if "completions" in path else client.get(path)
+    twin = client.post("/v1" + path, json=body) if "completions" in path else client.get("/v1" + path)
+    assert ours.status_code == twin.status_code == 200
+    strip = ("id", "created")
+    if "choices" in ours.get_json():
+        assert ours.get_json()["choices"] == twin.get_json()["choices"]
+    else:
+        assert {k: v for k, v in ours.get_json().items() if k not in strip} == \
+            {k: v for k, v in twin.get_json().items() if k not in strip}
+
+
+def test_the_unprefixed_twins_need_the_key_too(make_app):
+    client = make_app(server={"api_key": "sekrit"}).test_client()
+    assert client.post("/chat/completions", json={"model": MODEL, "messages": []}).status_code == 401
+    assert client.get("/models").status_code == 401
+    assert client.get("/models", headers={"Authorization": "Bearer sekrit"}).status_code == 200

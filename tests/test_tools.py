@@ -121,6 +121,8 @@ def test_required_and_named_choices(oai):
 @pytest.mark.parametrize("kwargs, param", [
     ({"tool_choice": {"type": "function", "function": {"name": "missing"}}}, "tool_choice"),
     ({"tools": None, "tool_choice": "required"}, "tool_choice"),
+    ({"tools": None, "tool_choice": "auto"}, "tool_choice"),  # as OpenAI: only allowed with tools, even "auto"
+    ({"tools": [], "tool_choice": "none"}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
     ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
 ])
