@@ -20,8 +20,14 @@ to a pool thread, whose parser reads those bytes and never the socket. So no thr
 
 Keep-alive and pipelining work as before: bytes read past one request are where the next one starts.
 Plain HTTP/1.1 only, no TLS, HTTP/2 or PROXY protocol (nginx in front does those).
+
+Out of file descriptors, gunicorn's accept() raised and the worker died, with the runner and every generation
+in it. Here it sheds idle connections instead (new ones that sent nothing yet, then kept-alive ones, then ones
+lingering in their close), pauses accepting for a moment when there is nothing to shed, and goes on: what it
+holds keeps being served, /health answers once a descriptor is free, and /metrics counts what was shed.
 """
 import collections
+import errno
 import json
 import selectors
 import socket
@@ -36,6 +42,9 @@ from app.errors import APIError, is_ollama_path
 from app.request_bytes import MAX_HEAD_BYTES, Arrived, RequestBytes
 
 READ_BYTES = 64 * 1024
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+SHED_AT_ONCE = 16            # idle connections closed when accept() finds no descriptor free
+ACCEPT_PAUSE_SECONDS = 0.1   # when none was idle: the requests being served will free some
 LINGER_SECONDS = 2.0  # as gunicorn's own graceful close
 RETRY_AFTER_SECONDS = 1
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -73,6 +82,8 @@ class WholeRequestWorker(ThreadWorker):
         self.body_unread = set()  # connections served before their body arrived: they close after the answer
         self.partial_requests = 0
         self.refused = collections.Counter()  # status -> requests answered here, never seen by the app
+        self.shed = collections.Counter()     # state -> idle connections closed for want of descriptors
+        self.accept_paused_until = 0.0
 
     def load_wsgi(self):
         super().load_wsgi()
@@ -81,6 +92,45 @@ class WholeRequestWorker(ThreadWorker):
         self.max_partial_requests = server["max_partial_requests"]
         self.max_body = server["max_body_bytes"]
         self.wsgi.extensions["qwen_metrics"].registry.register(ConnectionMetrics(self))
+
+    # -- out of descriptors ---------------------------------------------------------------------------------
+    def accept(self, listener):
+        try:
+            super().accept(listener)
+        except OSError as exc:
+            if exc.errno not in OUT_OF_DESCRIPTORS:
+                raise
+            self.out_of_descriptors()
+
+    def out_of_descriptors(self):
+        """accept() found no descriptor free: close idle connections, oldest first, or pause accepting."""
+        shed = 0
+        for arrival in [a for a in self.arrivals.values() if not a.request.data][:SHED_AT_ONCE]:
+            self.forget(arrival)  # a new connection that has sent nothing: nobody waits for an answer
+            self.close_now(arrival.conn.sock)
+            self.shed["new"] += 1
+            shed += 1
+        while self.keepalived_conns and shed < SHED_AT_ONCE:
+            conn = self.keepalived_conns.popleft()  # between two requests: the client reconnects if it needs to
+            self.poller.unregister(conn.sock)
+            self.close_now(conn.sock)
+            self.shed["keepalive"] += 1
+            shed += 1
+        for sock in list(self.closing)[:max(0, SHED_AT_ONCE - shed)]:
+            self.finish_closing(sock)  # its answer has left; only the client's last bytes are not read
+            self.shed["closing"] += 1
+            shed += 1
+        if not shed:
+            self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
+            self.set_accept_enabled(False)
+            self.shed["none_idle"] += 1
+        self.log.warning("out of file descriptors with %d connections open: closed %d idle ones%s", self.nr_conns,
+                         shed, "" if shed else f"; accepting again in {ACCEPT_PAUSE_SECONDS:g} s")
+
+    def set_accept_enabled(self, enabled):
+        if enabled and time.monotonic() < self.accept_paused_until:
+            return  # gunicorn's loop asks every turn; the pause decides
+        super().set_accept_enabled(enabled)
 
     # -- before a thread: gather the request ------------------------------------------------------------------
     def enqueue_req(self, conn):
@@ -258,6 +308,8 @@ class WholeRequestWorker(ThreadWorker):
             deadlines.append(next(iter(self.arrivals.values())).deadline)
         if self.closing:
             deadlines.append(next(iter(self.closing.values())))
+        if self.accept_paused_until > time.monotonic():
+            deadlines.append(self.accept_paused_until)
         if deadlines:
             timeout = max(0.0, min(timeout, min(deadlines) - time.monotonic()))
         super().wait_for_and_dispatch_events(timeout)
@@ -296,6 +348,13 @@ class ConnectionMetrics:
                                      "the rest (without a thread)")
         arriving.add_metric([], worker.partial_requests)
         yield arriving
+        shed = CounterMetricFamily("qwen_chat_connections_shed", "Idle connections closed because no file "
+                                   "descriptor was free to accept another (new: nothing sent yet; keepalive: "
+                                   "between requests; closing: its answer sent; none_idle: accepting paused "
+                                   "instead)", labels=["state"])
+        for state in ("new", "keepalive", "closing", "none_idle"):
+            shed.add_metric([state], worker.shed[state])
+        yield shed
         refused = CounterMetricFamily("qwen_chat_requests_refused", "Requests answered before they arrived whole "
                                       "(408 too slow, 413 chunked body too large, 431 head too large, 503 too "
                                       "many arriving)", labels=["status"])

@@ -109,8 +109,9 @@ def start_server(tmp_path):
     """start_server(runner={...}, ...) -> a healthy LiveServer with those settings; stopped afterwards."""
     servers = []
 
-    def start(wait=True, env=None, port=0, **sections):
-        server = LiveServer(tmp_path / f"server{len(servers)}", settings(**sections), env=env, port=port)
+    def start(wait=True, env=None, port=0, nofile=None, **sections):
+        server = LiveServer(tmp_path / f"server{len(servers)}", settings(**sections), env=env, port=port,
+                            nofile=nofile)
         servers.append(server)
         return server.wait_healthy() if wait else server
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from app.runner.tokenizer_service import TokenizerService
+from helpers.card_process import ask, start_card_process
 from helpers import PROJECT_DIR, answer_to, prompt_ids, said, spawn_as_runner, wait_for
 
 HELPERS = PROJECT_DIR / "tests" / "helpers"
@@ -168,19 +169,6 @@ def test_connections_past_the_cap_are_refused(tokenizer):
     assert seen == {"kept": [200, 200, 200], "one_more": None, "after_closing_one": 200}
 
 
-def start_card_process(workdir, nofile=0, wrap=()):
-    """tests/helpers/card_process.py, and the first line it prints (the card ready or unavailable)."""
-    card = subprocess.Popen([*wrap, sys.executable, str(HELPERS / "card_process.py"), str(workdir), str(nofile)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return card, json.loads(card.stdout.readline())
-
-
-def ask(card, **command):
-    card.stdin.write(json.dumps(command) + "\n")
-    card.stdin.flush()
-    return json.loads(card.stdout.readline())
-
-
 def test_idle_foreign_connections_cannot_exhaust_the_workers_descriptors(tmp_path):
     # Regression: each idle connection held a thread and a descriptor; 62 of them under a 76-descriptor limit
     # killed the worker. The Card here runs under a 40-descriptor limit; 200 connections come from elsewhere.
@@ -218,3 +206,35 @@ def test_without_proc_nobody_is_served_and_the_log_says_why_once(tmp_path):
         log = card.stderr.read()
         card.wait(60)
     assert log.count("cannot tell which process is calling") == 1, log
+
+
+def test_the_service_outlives_running_out_of_descriptors(tokenizer):
+    # Its own process, under a limit of 16 descriptors (it uses about 8): connections beyond what it can accept
+    # wait in the listen queue; nothing ends it, and once they close the runner's calls are answered again.
+    limited = ["prlimit", "--nofile=16", sys.executable, "-m", "app.runner.tokenizer_server"]
+    if not shutil.which("prlimit"):
+        pytest.skip("no prlimit")
+    service = TokenizerService(tokenizer, max_connections=30, program=limited).start()
+    held = []
+    try:
+        service.peers.admit(os.getpid())
+        port = port_of(service)
+        for _ in range(24):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET /eos_id HTTP/1.1\r\nHost: x\r\n\r\n")
+            held.append(sock)
+        wait_for(lambda: listen_backlog(port) > 0, 10, "connections the service could not accept yet")
+        for sock in held:
+            sock.close()
+        held.clear()
+        wait_for(lambda: listen_backlog(port) == 0, 10, "the queue to drain")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /eos_id HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 OK") and service.running
+    finally:
+        for sock in held:
+            sock.close()
+        service.stop()

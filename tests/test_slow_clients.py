@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from helpers import said, wait_for
+from helpers import chat, said, sse_events, wait_for
 
 TIMEOUT = 4  # server.request_timeout in these tests: short, so the tests are quick
 # Fewer threads than there are slow clients below, so that any slow client holding a thread would show.
@@ -268,3 +268,29 @@ def test_nginx_drops_a_stalled_request_before_the_service_sees_it(start_server, 
     assert len(arriving) > 10 and set(arriving) == {0.0}
     with pytest.raises(KeyError):  # no POST ever reached the app
         server.metric("qwen_chat_requests_total", method="POST")
+
+
+def test_running_out_of_descriptors_sheds_idle_connections_and_never_kills_the_worker(start_server):
+    # Regression: with the descriptor limit reached by idle connections, gunicorn's accept() raised EMFILE and
+    # the worker died, with the runner and every generation. 40 descriptors here (the worker uses 13 idle).
+    server = start_server(nofile=40, runner={"emulator": {"token_ms": 20}})
+    (worker,) = server.worker_pids()
+    streamed = []
+    stream = threading.Thread(target=lambda: streamed.append(httpx.post(server.url + "/v1/chat/completions", json={
+        "model": "qwen2.5", "stream": True, "messages": [{"role": "user", "content": "count to 60"}]}, timeout=60)))
+    stream.start()
+    server.wait_until_busy()
+    idle = [socket.create_connection(address(server.url)) for _ in range(100)]  # more than it can hold
+    try:
+        wait_for(lambda: server.health()[0] == 200, 30, "/health to answer")
+        assert server.metric("qwen_chat_connections_shed_total") > 0
+        assert chat(server, "still serving").json()["choices"][0]["message"]["content"] == said("still serving")
+        stream.join(60)
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in sse_events(streamed[0].text)
+                       if isinstance(e, dict) and e.get("choices"))
+        assert text == said("count to 60") + " " + ", ".join(map(str, range(1, 61))) + "."  # held, served whole
+        assert server.worker_pids() == [worker]  # the same worker, alive
+    finally:
+        for sock in idle:
+            sock.close()
+    assert "out of file descriptors" in server.log()

@@ -13,6 +13,7 @@ import logging
 import os
 import resource
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from app import config  # noqa: E402
 from app.runner.card import Card, CardOptions  # noqa: E402
 from app.tokenizer.qwen import QwenTokenizer  # noqa: E402
+
+
+def start_card_process(workdir, nofile=0, wrap=()):
+    """(For tests) this script in a process of its own, and the first line it prints (ready or unavailable)."""
+    card = subprocess.Popen([*wrap, sys.executable, __file__, str(workdir), str(nofile)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return card, json.loads(card.stdout.readline())
+
+
+def ask(card, **command):
+    """(For tests) one command to a card process, and its answer."""
+    card.stdin.write(json.dumps(command) + "\n")
+    card.stdin.flush()
+    return json.loads(card.stdout.readline())
 
 
 def say(obj):

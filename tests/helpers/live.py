@@ -1,6 +1,8 @@
 """A real gunicorn running the service, and the process and polling helpers that tests of it need."""
+import functools
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -73,11 +75,16 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def limit_descriptors(count):
+    """In a child before exec: at most `count` open file descriptors (RLIMIT_NOFILE's soft limit)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
 class LiveServer:
     """gunicorn running scripts/gunicorn.conf.py on a free port (or `port`), with its own config and instance
-    folder."""
+    folder (and at most `nofile` open descriptors per process)."""
 
-    def __init__(self, workdir, config_settings, env=None, port=0):
+    def __init__(self, workdir, config_settings, env=None, port=0, nofile=None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "config.yaml"
@@ -87,7 +94,8 @@ class LiveServer:
                         QWEN_CHAT_INSTANCE=str(self.workdir / "instance"), **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--config", "scripts/gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"],
-            cwd=PROJECT_DIR, env=self.env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
+            cwd=PROJECT_DIR, env=self.env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
+            preexec_fn=None if nofile is None else functools.partial(limit_descriptors, nofile))
         self.port = self._wait_for_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
