@@ -13,7 +13,9 @@ import pytest
 
 from app.runner.card import Card, CardOptions, Done, Text
 from app.runner.errors import CardDead, CardUnavailable, RunnerError, RunnerStalled
+from app.runner import emulated_model
 from helpers import PROJECT_DIR, alive, said, wait_for
+from helpers.card_process import ask as tell, start_card_process
 
 HOLD_CARD = Path(__file__).with_name("helpers") / "hold_card.py"
 
@@ -189,3 +191,23 @@ def test_an_unexpected_error_does_not_end_the_card_thread(make_card, tokenizer, 
     blocker.unlink()
     wait_for(lambda: card.state == "ready", what="recovery")
     assert card.submit(ask(tokenizer, "alive")).result(timeout=30).text == said("alive")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a read-only mount needs root and unshare")
+def test_a_read_only_model_folder_is_a_clear_start_error_not_a_crash_loop(tmp_path):
+    # main_axcl opens the embedding table read-write and crashes at start on a read-only one
+    # (docs/PROTOCOL.md): the Card says why, and how to fix it, instead of starting it.
+    model = emulated_model.write(tmp_path / "model")
+    read_only = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                 f'mount --bind "{model}" "{model}" && mount -o remount,bind,ro "{model}" && exec "$@"', "sh"]
+    card, started = start_card_process(tmp_path, wrap=read_only)
+    try:
+        assert started["state"] == "unavailable" and started["runner_pid"] is None, started
+        assert "model.embed_tokens.weight.bfloat16.bin is not writable" in started["reason"]
+        assert "chown -R" in started["reason"] and "ReadWritePaths" in started["reason"]
+        assert tell(card, failures=2)["failures"] >= 2  # it keeps saying so (with backoff), never spawning a runner
+    finally:
+        card.stdin.close()
+        log = card.stderr.read()
+        card.wait(60)
+    assert "starting the runner" not in log and "SIGSEGV" not in log

@@ -24,7 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.runner.command import check_installation, choose_program, prepare_workdir, runner_env
+from app.runner.command import (check_embedding_writable, check_installation, choose_program, prepare_workdir,
+                                runner_env)
 from app.runner.driver import GenerationResult, Runner
 from app.runner.errors import CardBusy, CardDead, CardUnavailable, QueueFull, RunnerError, RunnerStalled
 from app.runner.tokenizer_service import TokenizerService
@@ -413,6 +414,7 @@ class Card:
                 model_dir = emulated_model.write(options.workdir.parent / "emulated-model")
             if not self.program.emulated:
                 check_installation(self.program, model_dir)
+            check_embedding_writable(model_dir)
             prepare_workdir(options.workdir, options.sampling)
             command = self.program.argv_prefix + protocol.vendor_flags(model_dir, self.service.url)
             env = runner_env(self.program, options.emulator, self.tokenizer.folder)

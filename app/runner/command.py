@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import pwd
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,19 @@ def check_installation(program, model_dir):
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise RunnerStartError(f"the model folder {model_dir} is incomplete: {missing[0]} is missing{more} "
                                "(scripts/download_models.sh fetches it)")
+    check_embedding_writable(model_dir)
+
+
+def check_embedding_writable(model_dir):
+    """main_axcl opens the embedding table read-write and maps it shared: on a read-only one it crashes at
+    start (docs/PROTOCOL.md, "Start-up"). Say so, and how to fix it, before spawning it."""
+    table = Path(model_dir) / protocol.MODEL_SUBDIR / protocol.EMBED_FILE
+    if table.is_file() and not os.access(table, os.R_OK | os.W_OK):
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        raise RunnerStartError(
+            f"{table} is not writable by this service's user ({user}), and main_axcl opens it read-write (it "
+            f"would crash at start): make the model folder writable, e.g. `sudo chown -R {user}: {model_dir}`, or "
+            "remount it read-write; under systemd, keep it in the unit's ReadWritePaths")
 
 
 def post_config(sampling):
