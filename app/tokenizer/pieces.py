@@ -25,14 +25,15 @@ def byte_level_alphabet():
 
 
 class TokenBytes:
-    """The exact bytes a list of ids stands for (added tokens as their UTF-8 text), from a `tokenizers`
-    Tokenizer. Cached: decoding is on every streamed chunk's path, and ids repeat a lot."""
+    """The exact bytes a list of ids stands for (added tokens as their UTF-8 text). `token_of(id)` gives an
+    ordinary token as the vocabulary spells it (None outside it); `added` maps the special and added tokens' ids
+    to their text; `size` counts both. Cached: decoding is on every streamed chunk's path, and ids repeat a lot."""
 
-    def __init__(self, backend, added):
-        self._backend = backend
-        self._added = dict(added)               # id -> text of the special and added tokens
+    def __init__(self, token_of, added, size):
+        self._token_of = token_of
+        self._added = dict(added)
         self._byte_of_char = byte_level_alphabet()
-        self.size = backend.get_vocab_size(with_added_tokens=True)
+        self.size = size
         self._bytes_of_id = functools.lru_cache(maxsize=32768)(self._lookup)
 
     def __call__(self, ids):
@@ -41,7 +42,7 @@ class TokenBytes:
     def _lookup(self, token_id):
         if token_id in self._added:
             return self._added[token_id].encode("utf-8")
-        piece = self._backend.id_to_token(token_id)
+        piece = self._token_of(token_id)
         if piece is None:
             raise ValueError(f"token id {token_id} is outside the vocabulary")
         return bytes(self._byte_of_char[c] for c in piece)
@@ -77,20 +78,30 @@ def vendor_prompt(line):
 
 
 class Pieces:
-    """tokenizer.json through the `tokenizers` library only: the tokenizer service's process loads this."""
+    """The tokenizer folder as the tokenizer service's process needs it: ids to bytes from vocab.json and
+    tokenizer_config.json's added tokens (a few MB, where the whole BPE model takes some 200 MB), and text to ids
+    through the `tokenizers` library, loaded only when a line other than a registered handle is encoded (someone
+    driving the runner by hand)."""
 
     def __init__(self, folder):
-        from tokenizers import Tokenizer
-
-        path = Path(folder) / "tokenizer.json"
-        self.backend = Tokenizer.from_file(str(path))
-        added = {entry["id"]: entry["content"] for entry in json.loads(path.read_text())["added_tokens"]}
-        self.token_bytes = TokenBytes(self.backend, added)
-        self.eos_id = self.backend.token_to_id(IM_END)
+        self.folder = Path(folder)
+        vocab = json.loads((self.folder / "vocab.json").read_text(encoding="utf-8"))
+        config = json.loads((self.folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        added = {int(i): entry["content"] for i, entry in config["added_tokens_decoder"].items()}
+        spelled = [None] * (max(vocab.values()) + 1)
+        for token, token_id in vocab.items():
+            spelled[token_id] = token
+        size = max(len(spelled), max(added, default=-1) + 1)
+        self.token_bytes = TokenBytes(lambda i: spelled[i] if 0 <= i < len(spelled) else None, added, size)
+        self.eos_id = next(i for i, text in added.items() if text == IM_END)
         self.bos_id = -1  # Qwen2.5 has none; the runner's protocol spells "none" as -1
+        self._backend = None
 
     def encode(self, text):
-        return self.backend.encode(text, add_special_tokens=False).ids
+        if self._backend is None:
+            from tokenizers import Tokenizer
+            self._backend = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        return self._backend.encode(text, add_special_tokens=False).ids
 
     def vendor_prompt_ids(self, line):
         return self.encode(vendor_prompt(line))

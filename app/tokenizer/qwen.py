@@ -21,7 +21,8 @@ class QwenTokenizer:
         added = {int(i): tok.content for i, tok in self._tok.added_tokens_decoder.items()}
         # The Rust tokenizer underneath, for id -> bytes without overhead (pieces.py; the same code the
         # tokenizer service's process uses).
-        self.token_bytes = TokenBytes(self._tok.backend_tokenizer, added)
+        backend = self._tok.backend_tokenizer
+        self.token_bytes = TokenBytes(backend.id_to_token, added, backend.get_vocab_size(with_added_tokens=True))
 
     def __len__(self):
         return self.token_bytes.size
