@@ -131,7 +131,9 @@ class Baseline:
 class Service:
     """gunicorn with scripts/gunicorn.conf.py and the emulated runner, as scripts/serve runs it."""
 
-    def __init__(self, workdir, token_ms, trace=None, **sections):
+    def __init__(self, workdir, token_ms, trace=None, project=PROJECT_DIR, prefix=(), **sections):
+        """`project`: the checkout to run (another one, to compare); `prefix`: what the command runs under
+        (e.g. taskset)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         settings = {"runner": {"binary": "emulator", "emulator": {"token_ms": token_ms, "trace": trace}}, **sections}
@@ -142,8 +144,8 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", "scripts/gunicorn.conf.py", "--bind",
-             f"127.0.0.1:{self.port}"], cwd=PROJECT_DIR, stdout=open(self.workdir / "log", "wb"),
+            [*prefix, sys.executable, "-m", "gunicorn", "--config", "scripts/gunicorn.conf.py", "--bind",
+             f"127.0.0.1:{self.port}"], cwd=project, stdout=open(self.workdir / "log", "wb"),
             stderr=subprocess.STDOUT, env=dict(os.environ, QWEN_CHAT_CONFIG=str(self.workdir / "config.yaml"),
                                                QWEN_CHAT_INSTANCE=str(self.workdir / "instance")))
         try:
@@ -432,6 +434,108 @@ def fitting(tokenizer, rounds):
     return fits[1:], renders[1:], len(whole), len(fitted.prompt_ids), len(messages)
 
 
+# -- the runner's deadline under hostile load -------------------------------------------------------------
+def hostile_load(url, stop, counts):
+    """Clients doing their worst until `stop` is set: 1 MB bodies, a 10,000-message chat, 3,000 tool
+    definitions, 64 streams at once and 32 clients sending their request a byte at a time. `counts` tallies
+    the statuses they got."""
+    tool = {"type": "function", "function": {"name": "f", "description": "d " * 50,
+                                             "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
+    big = json.dumps({"model": "qwen2.5", "messages": [{"role": "user", "content": "word " * 200_000}]}).encode()
+    bodies = {
+        "1 MB body": big[:1 << 20] if len(big) > 1 << 20 else big,
+        "10,000 messages": json.dumps({"model": "qwen2.5", "messages": [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " * 8} for i in range(10_001)]}),
+        "3,000 tools": json.dumps({"model": "qwen2.5", "messages": [{"role": "user", "content": "hi"}],
+                                   "tools": [tool] * 3000}),
+    }
+
+    def post(kind, body, stream=False):
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                try:
+                    if stream:
+                        with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                            for _ in response.iter_bytes():
+                                if stop.is_set():
+                                    break
+                            status = response.status_code
+                    else:
+                        status = http.post(url + "/v1/chat/completions", content=body,
+                                           headers={"Content-Type": "application/json"}).status_code
+                except httpx.HTTPError:
+                    status = "error"
+                counts[(kind, status)] = counts.get((kind, status), 0) + 1
+
+    def slow():
+        host, port = url.removeprefix("http://").split(":")
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n" + b"X-Slow: " + b"a" * 200
+        while not stop.is_set():
+            try:
+                with socket.create_connection((host, int(port)), timeout=30) as sock:
+                    for byte in head:
+                        if stop.wait(0.1):
+                            break
+                        sock.sendall(bytes([byte]))
+            except OSError:
+                pass
+            counts[("slow client", "closed")] = counts.get(("slow client", "closed"), 0) + 1
+
+    threads = [threading.Thread(target=post, args=(kind, body)) for kind, body in bodies.items() for _ in range(2)]
+    stream_body = {"model": "qwen2.5", "stream": True, "messages": [{"role": "user", "content": "count to 20"}]}
+    threads += [threading.Thread(target=post, args=("stream", stream_body, True)) for _ in range(64)]
+    threads += [threading.Thread(target=slow) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def runner_deadline(tmp, projects, seconds):
+    """The /decode round trip the runner sees (its own timestamps: the emulator's trace) while the service
+    takes hostile work, on one core beside a CPU hog (a busy Pi 5); the clients run on the other core. Its
+    1 s timeout is the runner's death (docs/PROTOCOL.md)."""
+    results = {}
+    os.sched_setaffinity(0, {1})  # the clients, and this process, off the service's core
+    for name, project in projects:
+        trace = tmp / f"deadline-{name}.trace"
+        hog = subprocess.Popen(["taskset", "-c", "0", sys.executable, "-c", "while True: pass"])
+        try:
+            with Service(tmp / f"service-deadline-{name}", 20, trace=str(trace), project=project,
+                         prefix=("taskset", "-c", "0")) as service:
+                restarts_before = service_metric(service.url, "qwen_chat_runner_restarts_total")
+                start = trace.stat().st_size if trace.exists() else 0
+                stop, counts = threading.Event(), {}
+                load = hostile_load(service.url, stop, counts)
+                # A person's streamed answers, one after another, all along: their /decode calls are measured.
+                answered, started = 0, time.monotonic()
+                with httpx.Client(timeout=120) as http:
+                    while time.monotonic() - started < seconds:
+                        response = http.post(service.url + "/v1/chat/completions", json={
+                            "model": "qwen2.5", "messages": [{"role": "user", "content": "count to 100"}]})
+                        answered += response.status_code == 200
+                stop.set()
+                for thread in load:
+                    thread.join(60)
+                lines = trace.read_text()[start:].splitlines()
+                decode_ms = [float(line.split()[1]) * 1000 for line in lines if line.startswith("decode ")]
+                # A refused or late call kills the vendor's loop (an emulator that copies it writes
+                # "decode-failed" and dies; an older one waited on): either way, a death on the card.
+                deaths = sum(line.startswith("decode-failed") for line in lines) + sum(ms >= 1000 for ms in decode_ms)
+                restarts = service_metric(service.url, "qwen_chat_runner_restarts_total") - restarts_before
+                results[name] = (decode_ms, deaths, restarts, answered, counts)
+        finally:
+            hog.kill()
+            hog.wait()
+    os.sched_setaffinity(0, set(range(os.cpu_count())))
+    return results
+
+
+def service_metric(url, name):
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
 HOME_ASSISTANT_ENTITIES = (0, 1, 5, 10, 17, 20, 22, 23, 30, 36, 37, 40)
 
 
@@ -464,13 +568,56 @@ def home_assistant(tokenizer, tmp):
     return rows
 
 
+PREPARATION = """
+import json, statistics, sys, time
+from app.window import Conversation, fit
+from app.tokenizer.qwen import QwenTokenizer
+tokenizer = QwenTokenizer(sys.argv[1])
+tools = json.load(open(sys.argv[2]))
+out = {}
+for messages, tool_count in json.loads(sys.argv[3]):
+    chat = [{"role": "system", "content": "You are helpful."}]
+    for i in range(messages // 2):
+        chat += [{"role": "user", "content": f"Question {i}: " + "and more " * (i % 9)},
+                 {"role": "assistant", "content": f"Answer {i}: " + "indeed " * (i % 11)}]
+    chat.append({"role": "user", "content": "The last question."})
+    offered = (tools * (tool_count // len(tools) + 1))[:tool_count]
+    times = []
+    for _ in range(int(sys.argv[4])):
+        started = time.perf_counter()
+        fit(Conversation(tokenizer, chat, offered), 1024, 256)
+        times.append(time.perf_counter() - started)
+    out[f"{messages} {tool_count}"] = times
+print(json.dumps(out))
+"""
+PREPARATION_SIZES = [(200, 36), (2000, 0), (10000, 0), (200, 512), (200, 3000)]
+
+
+def preparation(tokenizer_dir, projects, rounds):
+    """Fitting conversations and tool lists of growing size to the window, in each checkout (the same code
+    run with its own app/ on the path), alternating: does the cost follow the input, or the window?"""
+    tools = str(PROJECT_DIR / "tests" / "fixtures" / "open_webui_tools.json")
+    results = {name: {} for name, _ in projects}
+    for _ in range(rounds):
+        for name, project in projects:
+            done = subprocess.run([sys.executable, "-c", PREPARATION, tokenizer_dir, tools,
+                                   json.dumps(PREPARATION_SIZES), "1"], cwd=project, capture_output=True, text=True,
+                                  env=dict(os.environ, PYTHONPATH=str(project)), check=True)
+            for key, times in json.loads(done.stdout).items():
+                results[name].setdefault(key, []).extend(times)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds per comparison (alternating)")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and one saturation run")
     measures = ["latency", "throughput", "saturation", "memory", "startup", "fitting", "long_chat", "openwebui",
-                "home_assistant"]
+                "home_assistant", "runner_deadline", "preparation"]
     parser.add_argument("--only", choices=measures, action="append", help="run only these measurements (repeatable)")
+    parser.add_argument("--compare", metavar="CHECKOUT", help="runner_deadline, preparation: also run this other "
+                        "checkout (e.g. a git worktree of an earlier commit), side by side")
+    parser.add_argument("--seconds", type=float, default=30, help="runner_deadline: how long the load lasts")
     args = parser.parse_args()
     wanted = set(args.only or measures)
     rounds = 3 if args.quick else args.rounds
@@ -500,6 +647,11 @@ def main():
             results["openwebui"] = openwebui(tokenizer, tmp)
         if "home_assistant" in wanted:
             results["home_assistant"] = home_assistant(tokenizer, tmp)
+        projects = [("this checkout", PROJECT_DIR)] + ([("compared", Path(args.compare))] if args.compare else [])
+        if "runner_deadline" in wanted:
+            results["runner_deadline"] = runner_deadline(tmp, projects, args.seconds)
+        if "preparation" in wanted:
+            results["preparation"] = preparation(tokenizer_dir, projects, rounds)
 
     print(f"qwen-chat benchmark on {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
           f"; {rounds} alternating rounds; median (min-max)")
@@ -546,6 +698,27 @@ def main():
                   f"{f'{statistics.median(extra):.2f} (worst {max(extra):.2f})':>22} "
                   f"{f'{answered}/{len(outcomes)} tasks answered':>22} {'':>18}  <= 0.5 (on)")
 
+    if "preparation" in results:
+        print("\nFitting to the window (app/window.py), ms, by messages and tool definitions:")
+        names = list(results["preparation"])
+        print(f"{'messages, tools':18}" + "".join(f"{name:>24}" for name in names))
+        for messages, tools in PREPARATION_SIZES:
+            key = f"{messages} {tools}"
+            print(f"{f'{messages:,}, {tools:,}':18}" + "".join(
+                f"{spread([x * 1000 for x in results['preparation'][name][key]]):>24}" for name in names))
+    if "runner_deadline" in results:
+        print("\nThe runner's /decode round trip (its 1 s timeout kills it), service on one core beside a CPU hog,"
+              " under 1 MB bodies, a 10,000-message chat, 3,000 tools, 64 streams and 32 slow clients:")
+        print(f"{'':16} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'deaths':>7} {'restarts':>8} "
+              f"{'answers':>8}  goal: max < 250 ms, no death")
+        for name, (decode_ms, deaths, restarts, answered, counts) in results["runner_deadline"].items():
+            ordered = sorted(decode_ms)
+            p50, p99 = (ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+                        for q in (0.5, 0.99))
+            print(f"{name:16} {len(ordered):>6} {p50:>8.1f} {p99:>8.1f} {max(ordered, default=float('nan')):>8.1f} "
+                  f"{deaths:>7} {restarts:>8.0f} {answered:>8}")
+            print(f"{'':16} load: " + ", ".join(f"{kind} {status}: {n}" for (kind, status), n in sorted(
+                counts.items(), key=lambda item: str(item[0]))))
     if "home_assistant" in results:
         print("\nHome Assistant's Assist, 'turn on the kitchen light' (tokens; the card reads ~14 a second):")
         print(f"{'entities':>8} {'tools':>5} {'system':>6} {'tool defs':>9} {'fed':>5} {'wait':>6}  "
