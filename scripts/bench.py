@@ -36,12 +36,11 @@ from pathlib import Path
 import httpx
 import pexpect
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app import config  # noqa: E402
-from app.paths import PROJECT_DIR  # noqa: E402
-from app.runner import emulated_model, protocol  # noqa: E402
-from app.runner.driver import _child_setup  # noqa: E402
+from app import config
+from app.paths import PROJECT_DIR
+from app.runner import emulated_model, protocol
+from app.runner.driver import child_setup
 
 CARD_MS = 70
 QUESTION = "What is the capital of France?"
@@ -99,7 +98,7 @@ class Baseline:
         model = emulated_model.write(Path(workdir) / "model")
         command = [sys.executable, "-m", "app.runner.emulator"] + protocol.vendor_flags(str(model), self.service.url)
         self.child = pexpect.spawn(command[0], command[1:], cwd=str(workdir), env=env, echo=False, timeout=600,
-                                   use_poll=True, preexec_fn=functools.partial(_child_setup, os.getpid()))
+                                   use_poll=True, preexec_fn=functools.partial(child_setup, os.getpid()))
         self.child.delaybeforesend = None
         self.child.expect_exact(protocol.READY_PROMPT)
 
@@ -129,7 +128,7 @@ class Baseline:
 
 # -- the service ---------------------------------------------------------------------------------------------
 class Service:
-    """gunicorn with scripts/gunicorn.conf.py and the emulated runner, as scripts/serve runs it."""
+    """The service (`qwen-chat`) with the emulated runner, as scripts/serve runs it."""
 
     def __init__(self, workdir, token_ms, trace=None, project=PROJECT_DIR, prefix=(), **sections):
         """`project`: the checkout to run (another one, to compare); `prefix`: what the command runs under
@@ -143,9 +142,12 @@ class Service:
             self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.started = time.perf_counter()
+        # `qwen-chat` (app/cli.py); a checkout from before it existed ran gunicorn with its scripts/gunicorn.conf.py.
+        old = Path(project, "scripts", "gunicorn.conf.py")
+        command = ["-m", "gunicorn", "--config", str(old)] if old.is_file() else ["-m", "app.cli"]
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "gunicorn", "--config", "scripts/gunicorn.conf.py", "--bind",
-             f"127.0.0.1:{self.port}"], cwd=project, stdout=open(self.workdir / "log", "wb"),
+            [*prefix, sys.executable, *command, "--bind", f"127.0.0.1:{self.port}"], cwd=project,
+            stdout=open(self.workdir / "log", "wb"),
             stderr=subprocess.STDOUT, env=dict(os.environ, QWEN_CHAT_CONFIG=str(self.workdir / "config.yaml"),
                                                QWEN_CHAT_INSTANCE=str(self.workdir / "instance")))
         try:
@@ -543,8 +545,7 @@ def home_assistant(tokenizer, tmp):
     """Home Assistant's Assist request for "turn on the kitchen light" (its exact shape, tests/helpers/
     home_assistant.py) for homes of growing size, through the service: what the card is fed, which tools
     stay, and what comes back (a call, the service's explanation, or a 400)."""
-    sys.path.insert(0, str(PROJECT_DIR / "tests"))
-    from helpers.home_assistant import assist_request, home
+    from tests.helpers.home_assistant import assist_request, home
     rows = []
     with Service(tmp / "service-home-assistant", 0) as service, httpx.Client(timeout=600) as http:
         for count in HOME_ASSISTANT_ENTITIES:

@@ -24,14 +24,13 @@ from pathlib import Path
 
 import pexpect
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app import config  # noqa: E402
-from app.paths import PROJECT_DIR  # noqa: E402
-from app.runner import emulated_model, protocol  # noqa: E402
-from app.runner.driver import Runner, _child_setup  # noqa: E402
-from app.runner.tokenizer_service import TokenizerService  # noqa: E402
-from app.tokenizer.qwen import QwenTokenizer  # noqa: E402
+from app import config
+from app.paths import PROJECT_DIR
+from app.runner import emulated_model, protocol
+from app.runner.driver import Runner, child_setup
+from app.runner.tokenizer_service import TokenizerService
+from app.tokenizer.qwen import QwenTokenizer
 
 
 def emulator_env(tokenizer, token_ms, trace):
@@ -109,7 +108,7 @@ def main():
         with service.peers.spawning() as admit:  # the service serves only the processes we spawned
             bare = pexpect.spawn(command[0], command[1:], cwd=str(tmp), echo=False, timeout=120, use_poll=True,
                                  env=emulator_env(tokenizer, args.token_ms, tmp / "bare.trace"),
-                                 preexec_fn=functools.partial(_child_setup, os.getpid()))
+                                 preexec_fn=functools.partial(child_setup, os.getpid()))
             admit(bare.pid)
         bare.delaybeforesend = None
         bare.expect_exact(protocol.READY_PROMPT)

@@ -18,9 +18,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.paths import PROJECT_DIR  # noqa: E402
+from app.paths import PROJECT_DIR
 
 DEST = PROJECT_DIR / "app" / "static" / "vendor"
 REGISTRY = os.environ.get("npm_config_registry") or "https://registry.npmjs.org"

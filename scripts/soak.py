@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/soak.py [--clients 8] [--minutes 2] [--cancel 0.2] [--token-ms 5] [--url URL]
 
-Without --url it starts its own gunicorn (scripts/gunicorn.conf.py) with the emulated runner at --token-ms
+Without --url it starts its own service (`qwen-chat`) with the emulated runner at --token-ms
 and a queue of --max-queue; with --url it loads a running deployment. Each client loops until the time is
 up, choosing at random between OpenAI and Ollama, streamed and not, and abandons a share of its requests
 part-way (--cancel). Prints requests served, errors by kind and latency percentiles; exits non-zero if a
@@ -25,9 +25,8 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.paths import PROJECT_DIR  # noqa: E402
+from app.paths import PROJECT_DIR
 
 MODEL = "qwen2.5"
 
@@ -40,8 +39,8 @@ def start_server(token_ms, max_queue, workdir):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     log = open(Path(workdir) / "gunicorn.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", "scripts/gunicorn.conf.py", "--bind",
-                             f"127.0.0.1:{port}"], cwd=PROJECT_DIR, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "--bind", f"127.0.0.1:{port}"], cwd=PROJECT_DIR,
+                            stdout=log, stderr=subprocess.STDOUT,
                             env={**__import__("os").environ, "QWEN_CHAT_CONFIG": str(config),
                                  "QWEN_CHAT_INSTANCE": str(Path(workdir) / "instance")})
     url = f"http://127.0.0.1:{port}"

@@ -7,7 +7,7 @@ from app.runner.card import Card, CardOptions
 from app.runner.driver import Runner
 from app.runner.tokenizer_service import TokenizerService
 from app.tokenizer.qwen import QwenTokenizer
-from helpers import LiveServer, Nginx, emulator_command, emulator_env, settings
+from tests.helpers import LiveServer, Nginx, emulator_command, emulator_env, settings
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +133,7 @@ def browser():
     """Headless Chromium (Debian's, through playwright: tests/helpers/browser.py)."""
     from playwright.sync_api import sync_playwright
 
-    from helpers.browser import launch
+    from tests.helpers.browser import launch
     with sync_playwright() as playwright:
         browser = launch(playwright)
         yield browser

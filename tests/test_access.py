@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from app import create_app
-from helpers import MODEL, settings
+from tests.helpers import MODEL, settings
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "secret question"}]}
 PROTECTED = [

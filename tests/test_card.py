@@ -14,8 +14,8 @@ import pytest
 from app.runner.card import Card, CardOptions, Done, Text
 from app.runner.errors import CardDead, CardUnavailable, RunnerError, RunnerStalled
 from app.runner import emulated_model
-from helpers import PROJECT_DIR, alive, said, wait_for
-from helpers.card_process import ask as tell, start_card_process
+from tests.helpers import PROJECT_DIR, alive, said, wait_for
+from tests.helpers.card_process import ask as tell, start_card_process
 
 HOLD_CARD = Path(__file__).with_name("helpers") / "hold_card.py"
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from app import config
-from helpers import PROJECT_DIR
+from tests.helpers import PROJECT_DIR
 
 EXAMPLE = PROJECT_DIR / "instance" / "config.example.yaml"
 

@@ -6,7 +6,7 @@ import logging
 import ollama
 import openai
 
-from helpers import MODEL, PROJECT_DIR, said
+from tests.helpers import MODEL, PROJECT_DIR, said
 
 OPEN_WEBUI_TOOLS = json.loads((PROJECT_DIR / "tests" / "fixtures" / "open_webui_tools.json").read_text())
 

@@ -6,7 +6,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from helpers import MODEL, said
+from tests.helpers import MODEL, said
 
 # What openai-node sends with every request (src/client.ts, buildHeaders and getPlatformHeaders), in a browser.
 SDK_HEADERS = {

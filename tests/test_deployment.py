@@ -5,7 +5,7 @@ import time
 
 import httpx
 
-from helpers import PROJECT_DIR, free_port
+from tests.helpers import PROJECT_DIR, free_port
 
 SCRIPTS = ["scripts/setup", "scripts/test", "scripts/serve", "scripts/smoke.sh", "scripts/download_models.sh",
            ".ci/run"]

@@ -1,7 +1,7 @@
 """The documents a newcomer relies on say what the code and tests do."""
 import re
 
-from helpers import PROJECT_DIR
+from tests.helpers import PROJECT_DIR
 
 PROTOCOL = PROJECT_DIR / "docs" / "PROTOCOL.md"
 

@@ -16,9 +16,9 @@ import pexpect
 import pytest
 
 from app.runner import emulated_model, protocol
-from app.runner.driver import _child_setup, interrupt
-from helpers.fake_tokenizer import FakeTokenizerService
-from helpers import EMULATOR, PROJECT_DIR, emulator_command, emulator_env, spawn_as_runner
+from app.runner.driver import child_setup, interrupt
+from tests.helpers.fake_tokenizer import FakeTokenizerService
+from tests.helpers import EMULATOR, PROJECT_DIR, emulator_command, emulator_env, spawn_as_runner
 
 FIXTURE = PROJECT_DIR / "tests" / "fixtures" / "main_axcl_session.log"  # raw bytes from real hardware
 FIXTURE_SAMPLING = {  # the load config the fixture's session printed
@@ -33,7 +33,7 @@ def spawn(tokenizer, service, cwd, **settings):
     child = spawn_as_runner(service, lambda: pexpect.spawn(
         *split(emulator_command(cwd / "model", service.url)), cwd=str(cwd),
         env=emulator_env(tokenizer, **settings), echo=False, timeout=20,
-        preexec_fn=functools.partial(_child_setup, os.getpid())))
+        preexec_fn=functools.partial(child_setup, os.getpid())))
     child.delaybeforesend = None
     return child
 
@@ -184,7 +184,7 @@ def spawn_on(tokenizer, url, cwd, model=None, **settings):
     folder `model` as it is, else on an emulated one written in cwd/model."""
     command = EMULATOR + protocol.vendor_flags(str(model), url) if model else emulator_command(cwd / "model", url)
     child = pexpect.spawn(command[0], command[1:], cwd=str(cwd), env=emulator_env(tokenizer, **settings), echo=False,
-                          timeout=20, preexec_fn=functools.partial(_child_setup, os.getpid()))
+                          timeout=20, preexec_fn=functools.partial(child_setup, os.getpid()))
     child.delaybeforesend = None
     return child
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import openai
 import pytest
-from helpers import MODEL, alive, chat, said, sse_events, wait_for
+from tests.helpers import MODEL, alive, chat, said, sse_events, wait_for
 
 
 def stream_events(server, text):

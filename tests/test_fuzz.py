@@ -6,7 +6,7 @@ import socket
 import httpx
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from helpers import MODEL
+from tests.helpers import MODEL
 
 TEXT = st.text(max_size=40)
 SCALARS = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | TEXT

@@ -7,8 +7,8 @@ import httpx
 import pytest
 
 from app.tool_selection import tool_name
-from helpers import PROJECT_DIR, said
-from helpers.home_assistant import home, assist_request
+from tests.helpers import PROJECT_DIR, said
+from tests.helpers.home_assistant import home, assist_request
 
 FIXTURES = PROJECT_DIR / "tests" / "fixtures" / "home_assistant"
 HEADERS = {"Content-Type": "application/json", "Accept": "application/json",

@@ -10,7 +10,7 @@ import socket
 import httpx
 import pytest
 
-from helpers import MODEL, alive, answer_to, chat, wait_for
+from tests.helpers import MODEL, alive, answer_to, chat, wait_for
 
 PRIVATE = "PRIVATE-5n7q9 count to 20"
 

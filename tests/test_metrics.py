@@ -4,7 +4,7 @@ import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import PROJECT_DIR
+from tests.helpers import PROJECT_DIR
 
 
 def scrape(client):

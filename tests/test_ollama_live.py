@@ -5,7 +5,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from helpers import MODEL, said
+from tests.helpers import MODEL, said
 
 
 

@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from helpers import MODEL, chat, said, sse_events
+from tests.helpers import MODEL, chat, said, sse_events
 
 
 def assert_openai_error(response, status, param=None, code=None):

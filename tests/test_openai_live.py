@@ -6,7 +6,7 @@ import time
 import httpx
 import openai
 import pytest
-from helpers import MODEL, said
+from tests.helpers import MODEL, said
 
 
 

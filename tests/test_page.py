@@ -9,8 +9,8 @@ import httpx
 import pytest
 from playwright.sync_api import expect
 
-from helpers import MODEL, LiveServer, answer_to, said, settings, wait_for
-from helpers.browser import PageWatch
+from tests.helpers import MODEL, LiveServer, answer_to, said, settings, wait_for
+from tests.helpers.browser import PageWatch
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
 LONG = ("Please read all this: " + "the card reads one token at a time. " * 12).strip()  # the page trims

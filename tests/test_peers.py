@@ -9,7 +9,7 @@ import pydantic
 import pytest
 
 from app.cors import ALLOWED_HEADERS
-from helpers import MODEL, chat, sse_events
+from tests.helpers import MODEL, chat, sse_events
 
 EMULATED_CONTINUATION = " (continued by the emulated runner)"
 

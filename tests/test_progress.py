@@ -6,7 +6,7 @@ import threading
 import httpx
 import pytest
 
-from helpers import MODEL, answer_to, sse_events
+from tests.helpers import MODEL, answer_to, sse_events
 
 LONG = "Please read all this: " + "the card reads one token at a time. " * 12
 
@@ -26,7 +26,7 @@ def content(events):
 
 @pytest.fixture(scope="module")
 def slow(tmp_path_factory):
-    from helpers import LiveServer, settings
+    from tests.helpers import LiveServer, settings
     server = LiveServer(tmp_path_factory.mktemp("slow"), settings(runner={"emulator": {"token_ms": 20}}))
     yield server.wait_healthy()
     server.stop()

@@ -9,7 +9,7 @@ import pytest
 from app.runner import protocol
 from app.runner.driver import ENCODE_SECONDS
 from app.runner.errors import CardDead, RunnerDied, RunnerStalled, RunnerStartError
-from helpers import emulator_command, emulator_env, prompt_ids, said
+from tests.helpers import emulator_command, emulator_env, prompt_ids, said
 
 SPLIT_TEXT = "你好，世界 🎉🎉 emoji 👨‍👩‍👧 done"
 
@@ -231,10 +231,10 @@ def test_interrupting_never_loses_output_in_flight():
 
     import pexpect
 
-    from app.runner.driver import _child_setup, interrupt
+    from app.runner.driver import child_setup, interrupt
 
     child = pexpect.spawn(sys.executable, ["-c", WRITER], echo=False, timeout=30, use_poll=True,
-                          preexec_fn=functools.partial(_child_setup, os.getpid()))
+                          preexec_fn=functools.partial(child_setup, os.getpid()))
     child.expect_exact(b"READY")
     data = bytearray(child.buffer)
     interrupts = 0

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from app.runner.tokenizer_service import TokenizerService
-from helpers.card_process import ask, start_card_process
-from helpers import PROJECT_DIR, answer_to, prompt_ids, said, spawn_as_runner, wait_for
+from tests.helpers.card_process import ask, start_card_process
+from tests.helpers import PROJECT_DIR, answer_to, prompt_ids, said, spawn_as_runner, wait_for
 
 HELPERS = PROJECT_DIR / "tests" / "helpers"
 SYSTEM_PYTHON = "/usr/bin/python3"  # ours may live where `nobody` cannot read

@@ -13,7 +13,7 @@ from app import config
 from app.runner.card import BACKGROUND, INTERACTIVE, Done, Failed, Requeued, Started, Text
 from app.runner.errors import QueueFull
 from app.scheduling import Classifier
-from helpers import MODEL, answer_to
+from tests.helpers import MODEL, answer_to
 
 
 def ask(tokenizer, text):

@@ -6,7 +6,7 @@ import threading
 
 import httpx
 
-from helpers import MODEL, alive, said, sse_events, wait_for
+from tests.helpers import MODEL, alive, said, sse_events, wait_for
 
 
 def served(server, method="POST", **labels):

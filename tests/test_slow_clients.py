@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from helpers import chat, said, sse_events, wait_for
+from tests.helpers import chat, said, sse_events, wait_for
 
 TIMEOUT = 4  # server.request_timeout in these tests: short, so the tests are quick
 # Fewer threads than there are slow clients below, so that any slow client holding a thread would show.

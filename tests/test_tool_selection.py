@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from app.tool_selection import COMPACT, MINIMAL, Relevance, render, tool_json, words
 from app.window import Conversation, fit
-from helpers import PROJECT_DIR
-from helpers.home_assistant import HOME_17, assist_request, home, tool_result_request
+from tests.helpers import PROJECT_DIR
+from tests.helpers.home_assistant import HOME_17, assist_request, home, tool_result_request
 
 OPEN_WEBUI_TOOLS = json.loads((PROJECT_DIR / "tests" / "fixtures" / "open_webui_tools.json").read_text())
 WINDOW, RESERVE, TOOL_RESERVE = 1024, 256, 80

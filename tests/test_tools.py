@@ -5,7 +5,7 @@ import ollama
 import openai
 import pytest
 
-from helpers import MODEL
+from tests.helpers import MODEL
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a place",

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from app.errors import APIError
 from app.window import GENERATION_PROMPT_TOKENS, Conversation, fit
-from helpers import PROJECT_DIR
+from tests.helpers import PROJECT_DIR
 
 OPEN_WEBUI_TOOLS = json.loads((PROJECT_DIR / "tests" / "fixtures" / "open_webui_tools.json").read_text())
 WINDOW, RESERVE = 1024, 256

@@ -233,7 +233,7 @@ def raise_if_dead(data):
         raise CardDead("the card is dead: " + match.group(0).decode("ascii"))
 
 
-def _child_setup(parent_pid, fd_in=0):
+def child_setup(parent_pid, fd_in=0):
     """Runs in the forked child before exec: die with the parent, raw output, default signals."""
     if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
@@ -280,7 +280,7 @@ class Runner:
                 self.child = pexpect.spawn(
                     self.command[0], self.command[1:], cwd=str(cwd), env=env, echo=False, encoding=None,
                     timeout=None, use_poll=True, dimensions=(24, 4000),
-                    preexec_fn=functools.partial(_child_setup, os.getpid()))
+                    preexec_fn=functools.partial(child_setup, os.getpid()))
                 admit(self.child.pid)
         except pexpect.ExceptionPexpect as exc:
             raise RunnerStartError(f"cannot start the runner {self.command[0]}: {exc}") from None

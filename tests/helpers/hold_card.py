@@ -7,11 +7,10 @@ import sys
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from app import config  # noqa: E402
-from app.runner.card import Card, CardOptions  # noqa: E402
-from app.tokenizer.qwen import QwenTokenizer  # noqa: E402
+from app import config
+from app.runner.card import Card, CardOptions
+from app.tokenizer.qwen import QwenTokenizer
 
 
 def main(lock_path, workdir):

@@ -81,8 +81,8 @@ def limit_descriptors(count):
 
 
 class LiveServer:
-    """gunicorn running scripts/gunicorn.conf.py on a free port (or `port`), with its own config and instance
-    folder (and at most `nofile` open descriptors per process)."""
+    """The service (`qwen-chat`: gunicorn with app/gunicorn_conf.py) on a free port (or `port`), with its own
+    config and instance folder (and at most `nofile` open descriptors per process)."""
 
     def __init__(self, workdir, config_settings, env=None, port=0, nofile=None):
         self.workdir = Path(workdir)
@@ -93,7 +93,7 @@ class LiveServer:
         self.env = dict(os.environ, QWEN_CHAT_CONFIG=str(self.config_path),
                         QWEN_CHAT_INSTANCE=str(self.workdir / "instance"), **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", "scripts/gunicorn.conf.py", "--bind", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "app.cli", "--bind", f"127.0.0.1:{port}"],
             cwd=PROJECT_DIR, env=self.env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
             preexec_fn=None if nofile is None else functools.partial(limit_descriptors, nofile))
         self.port = self._wait_for_port()

@@ -3,7 +3,7 @@ import re
 import shutil
 import subprocess
 
-from helpers.live import free_port, listening, wait_for
+from tests.helpers.live import free_port, listening, wait_for
 
 from app.paths import PROJECT_DIR
 

@@ -1,7 +1,7 @@
 """Requests as tests make them: one chat() for Flask's test client and a live server alike, one SSE parser."""
 import json
 
-from helpers.emulated import MODEL
+from tests.helpers.emulated import MODEL
 
 
 def chat(target, text="hi", **body):

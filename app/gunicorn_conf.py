@@ -1,15 +1,10 @@
-"""gunicorn settings for qwen-chat (scripts/serve and systemd/qwen-chat.service use this file).
+"""gunicorn settings for qwen-chat: `qwen-chat` (app/cli.py) runs gunicorn with them.
 
 The address comes from the service's own configuration (server.host, server.port); a --bind on the
 command line wins. The app, and with it the runner, is created in the worker, never in the master.
 """
-import sys
-from pathlib import Path
-
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(PROJECT_DIR))
-
-from app import config as qwen_config  # noqa: E402
+from app import config as qwen_config
+from app.paths import PROJECT_DIR
 
 _server = qwen_config.load()["server"]
 
