@@ -10,7 +10,8 @@ from pathlib import Path
 from flask import current_app
 
 from app.paths import PROJECT_DIR
-from app.runner.card import Card, CardOptions
+from app.errors import ModelNotFound
+from app.runner.card import Card, CardOptions, CardState
 from app.scheduling import Classifier
 from app.tokenizer.qwen import QwenTokenizer
 
@@ -86,17 +87,27 @@ class Backend:
             return 0
         return sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file() and ".git" not in p.parts)
 
-    def knows_model(self, name):
-        """The configured name or an alias, in any case; Ollama clients may add the default tag ":latest"."""
-        if not isinstance(name, str):
-            return False
-        name = name.lower()
-        return name in self.aliases or (name.endswith(":latest") and name[:-len(":latest")] in self.aliases)
+    def check_model(self, name):
+        """A name of the served model (the configured one or an alias, in any case; Ollama's clients may add the
+        default tag ":latest"), or none at all (absent, null or ""), which means the served model. Else
+        ModelNotFound (404)."""
+        if name in (None, ""):
+            return
+        lowered = name.lower() if isinstance(name, str) else None
+        if lowered not in self.aliases and not (
+                lowered is not None and lowered.endswith(":latest") and lowered[:-len(":latest")] in self.aliases):
+            raise ModelNotFound(name, self.model_name)
+
+    @property
+    def window(self):
+        """The card's window in tokens, as its runner reports it (the layer models' mask size - 1)."""
+        return self.card.window
 
     def health(self):
         """(body, ok) for /health: judged from what the runner itself does and prints."""
         card = self.card
-        model = {"ready": "loaded", "loading": "loading", "starting": "loading"}.get(card.state, "unavailable")
+        model = {CardState.READY: "loaded", CardState.LOADING: "loading",
+                 CardState.STARTING: "loading"}.get(card.state, "unavailable")
         details = {
             "tokenizer": "running" if card.service.running else "stopped",
             "model": model,
@@ -108,10 +119,10 @@ class Backend:
             "restarts": card.restarts,
         }
         if model == "loading":
-            step, total = card.progress
+            step, total = card.loading
             details["progress"] = {"step": step, "total": total}
         if card.reason:
-            details["reason" if card.state == "unavailable" else "last_error"] = card.reason
+            details["reason" if card.state == CardState.UNAVAILABLE else "last_error"] = card.reason
         ok = details["tokenizer"] == "running" and model == "loaded"
         status = "ok" if ok else ("loading" if model == "loading" else "unavailable")
         return {"status": status, "details": details}, ok

@@ -5,17 +5,16 @@ from urllib.parse import urlsplit
 
 from flask import current_app, request
 
-from app import requestlog
 from app.errors import APIError
 from app.text import printable
+from app.window import DECISION_HEADERS
 
 ALLOWED_HEADERS = "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project"
 # The headers a preflight may ask for and get, as llama.cpp and Ollama effectively allow: what a configured
 # origin's client sends (the openai JS SDK adds x-stainless-*), within sane bounds.
 REQUESTED_HEADERS_RE = re.compile(r"^[A-Za-z0-9-]{1,64}(\s*,\s*[A-Za-z0-9-]{1,64}){0,49}$")
 ALLOWED_METHODS = "GET, POST, HEAD, OPTIONS"
-EXPOSED_HEADERS = ", ".join(["X-Request-Id", "Retry-After", requestlog.DROPPED_MESSAGES, requestlog.DROPPED_TOOLS,
-                             requestlog.KEPT_TOOLS, requestlog.COMPACTED_TOOLS, requestlog.UNFIT_TOOL])
+EXPOSED_HEADERS = ", ".join(["X-Request-Id", "Retry-After", *DECISION_HEADERS])
 
 
 def _allowed_origin():

@@ -34,6 +34,18 @@ class APIError(Exception):
         return {"error": self.message}
 
 
+class ModelNotFound(APIError):
+    """A model this server does not serve, in each API's words (Ollama's clients pull a model on its "not found")."""
+
+    def __init__(self, name, served):
+        super().__init__(404, f"The model `{name}` does not exist. This server serves `{served}`.", param="model",
+                         code="model_not_found")
+        self.name = name
+
+    def ollama_body(self):
+        return {"error": f'model "{self.name}" not found, try pulling it first'}
+
+
 def validation_error(exc: ValidationError):
     """marshmallow's nested messages -> one 400 naming every bad field ("param" is the first)."""
     problems = list(field_problems(exc.messages))

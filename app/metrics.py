@@ -9,11 +9,11 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from app import requestlog
+from app.runner.card import CardState
 
 disable_created_metrics()  # no *_created series: they double the output for nothing we use
 bp = Blueprint("metrics", __name__)
 
-CARD_STATES = ("starting", "loading", "ready", "unavailable", "stopped")
 # Label values come from a fixed set: a client's made-up method or status must not mint new series.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 NPU_STATUSES = ("available", "emulated", "unavailable")
@@ -73,15 +73,18 @@ class Metrics:
             self.tokens_per_second.observe(record.tokens_per_second)
         if record.request_class:
             self.classes.labels(record.request_class).inc()
-        if record.dropped_messages or record.dropped_tools:
+        fit = record.fit
+        if fit is None:
+            return
+        if fit.dropped_messages or fit.dropped_tools:
             self.truncated.labels(record.endpoint).inc()
-            self.dropped.labels("messages").inc(record.dropped_messages)
-            self.dropped.labels("tools").inc(record.dropped_tools)
-        if record.kept_tools is not None:
+            self.dropped.labels("messages").inc(fit.dropped_messages)
+            self.dropped.labels("tools").inc(fit.dropped_tools)
+        if fit.kept_tools is not None:
             self.tool_choices.labels(record.endpoint).inc()
-            self.tools_kept.labels("as_sent").inc(len(record.kept_tools) - record.compacted_tools)
-            self.tools_kept.labels("compacted").inc(record.compacted_tools)
-        if record.unfit_tool:
+            self.tools_kept.labels("as_sent").inc(len(fit.kept_tools) - fit.compacted_tools)
+            self.tools_kept.labels("compacted").inc(fit.compacted_tools)
+        if fit.unfit_tool:
             self.tools_unfit.labels(record.endpoint).inc()
 
 
@@ -107,8 +110,8 @@ class _CardCollector:
         yield busy
         state = GaugeMetricFamily("qwen_chat_runner_state", "The runner's state (1 for the current one)",
                                   labels=["state"])
-        for name in CARD_STATES:
-            state.add_metric([name], 1 if card.state == name else 0)
+        for name in CardState:
+            state.add_metric([name.value], 1 if card.state == name else 0)
         yield state
         npu = GaugeMetricFamily("qwen_chat_npu_status", "The card's status (1 for the current one)",
                                 labels=["status"])

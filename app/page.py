@@ -3,9 +3,10 @@
 /v1/chat/completions with progress on, so that a person sees what the card is doing while they wait."""
 from pathlib import Path
 
-from flask import Blueprint, current_app, render_template, request
+from flask import Blueprint, Response, current_app, render_template, request
 
-from app.ollama_api import probe_answer
+from app.backend import current_backend
+from app.runner import protocol
 
 bp = Blueprint("page", __name__)
 
@@ -19,6 +20,11 @@ CONTENT_SECURITY_POLICY = "; ".join([
 # Markdown and sanitising libraries that scripts/setup takes from the npm registry (scripts/page_libraries.py);
 # without them the page shows answers as plain text.
 VENDOR_FILES = ("marked.esm.js", "purify.es.js")
+
+
+def probe_answer():
+    """What Ollama answers on `GET /`: its clients probe it to find a server."""
+    return Response("Ollama is running", mimetype="text/plain")
 
 
 def wants_page():
@@ -36,7 +42,9 @@ def index():
     if not wants_page():
         response = probe_answer()
     else:
-        response = current_app.make_response(render_template("page.html", markdown=markdown_available()))
+        # The page takes the card's facts from the service: its window, and how many tokens a streamed piece holds.
+        response = current_app.make_response(render_template(
+            "page.html", markdown=markdown_available(), window=current_backend().window, chunk=protocol.CHUNK_IDS))
         response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"

@@ -11,11 +11,6 @@ from app.text import printable
 
 log = logging.getLogger("qwen_chat.requests")
 OBSERVERS = "qwen_request_observers"
-DROPPED_MESSAGES = "X-Context-Dropped-Messages"
-DROPPED_TOOLS = "X-Context-Dropped-Tools"
-KEPT_TOOLS = "X-Context-Kept-Tools"
-COMPACTED_TOOLS = "X-Context-Compacted-Tools"
-UNFIT_TOOL = "X-Context-Unfit-Tool"
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -38,11 +33,7 @@ class RequestRecord:
         self.prompt_text = None
         self.ignored_fields = None    # names of request fields we do not use
         self.request_class = None     # "interactive" or "background", for requests that use the card
-        self.dropped_messages = 0     # left out to fit the window (window.py)
-        self.dropped_tools = 0
-        self.kept_tools = None        # names of the tools kept when only some fit
-        self.compacted_tools = 0      # of those, how many were rendered compactly
-        self.unfit_tool = None        # the tool the request needed when none fits (answered without the card)
+        self.fit = None               # what the window fit left out (window.Fit), for requests that have one
 
     def line(self):
         def seconds(value):
@@ -57,12 +48,13 @@ class RequestRecord:
             fields.append(f"finish={self.finish_reason}")
         if self.request_class:
             fields.append(f"class={self.request_class}")
-        if self.dropped_messages or self.dropped_tools:
-            fields.append(f"dropped=messages:{self.dropped_messages},tools:{self.dropped_tools}")
-        if self.kept_tools is not None:
-            fields.append(f"tools=kept:{len(self.kept_tools)},compacted:{self.compacted_tools}")
-        if self.unfit_tool:
-            fields.append(f"unfit_tool={self.unfit_tool}")  # a tool name: [A-Za-z0-9_.-]{1,64} (schemas.py)
+        fit = self.fit
+        if fit is not None and (fit.dropped_messages or fit.dropped_tools):
+            fields.append(f"dropped=messages:{fit.dropped_messages},tools:{fit.dropped_tools}")
+        if fit is not None and fit.kept_tools is not None:
+            fields.append(f"tools=kept:{len(fit.kept_tools)},compacted:{fit.compacted_tools}")
+        if fit is not None and fit.unfit_tool:
+            fields.append(f"unfit_tool={fit.unfit_tool}")  # a tool name: [A-Za-z0-9_.-]{1,64} (schemas.py)
         if self.ignored_fields:
             fields.append("ignored=" + ",".join(printable(name[:40]) for name in self.ignored_fields))
         if self.prompt_text is not None:
@@ -72,6 +64,13 @@ class RequestRecord:
 
 def current_record():
     return g.get("record")
+
+
+def note_fit(fit):
+    """What the window fit of this request left out, for its log line and the metrics."""
+    record = current_record()
+    if record is not None:
+        record.fit = fit
 
 
 def note_prompt(text):
@@ -94,16 +93,6 @@ def finish_record(response):
         return response
     record.status = response.status_code
     response.headers["X-Request-Id"] = record.id
-    if record.dropped_messages or record.dropped_tools:
-        # What was left out of the conversation to fit the window (README, "The 1024-token window").
-        response.headers[DROPPED_MESSAGES] = str(record.dropped_messages)
-        response.headers[DROPPED_TOOLS] = str(record.dropped_tools)
-    if record.kept_tools is not None:
-        # Tool names are 1-64 of [A-Za-z0-9_.-] (schemas.py), and only the few that fit are kept.
-        response.headers[KEPT_TOOLS] = ",".join(record.kept_tools)
-        response.headers[COMPACTED_TOOLS] = str(record.compacted_tools)
-    if record.unfit_tool:
-        response.headers[UNFIT_TOOL] = record.unfit_tool
     observers = current_app.extensions[OBSERVERS]
 
     def closed():

@@ -8,7 +8,7 @@ client can send on purpose: RFC 9218's `Priority: u=7` (the lowest urgency) and 
 """
 import re
 
-from app.runner.card import BACKGROUND, INTERACTIVE
+from app.runner.jobs import BACKGROUND, INTERACTIVE
 
 
 class Classifier:

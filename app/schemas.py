@@ -4,7 +4,7 @@ import re
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
-from app.structured import JsonFormat, schema_error
+from app.structured import schema_error
 
 
 # -- request bodies --------------------------------------------------------------------------------------
@@ -115,13 +115,6 @@ class _ChatEnding(_Lenient):
                                   "continue_final_message")
 
 
-def chat_ending(body):
-    """A loaded _ChatEnding's choice, as QwenTokenizer.chat_ids takes it."""
-    if body["continue_final_message"]:
-        return "continue"
-    return "none" if body["add_generation_prompt"] is False else "generate"
-
-
 class OpenAIRequest(_Lenient):
     """What every OpenAI request shares: model, limits, stop, stream, and the sampling fields every client
     sends. The card's sampling is fixed when the runner starts, so those are accepted (and type-checked) but
@@ -222,24 +215,6 @@ def check_response_format(fmt):
     if schema is not None and (not isinstance(schema, dict) or schema_error(schema)):
         problem = schema_error(schema) if isinstance(schema, dict) else "it must be an object"
         raise ValidationError(f"`json_schema.schema` is not a valid JSON Schema: {problem}", "response_format")
-
-
-def ollama_json_format(fmt):
-    """The JsonFormat Ollama's `format` asks for ("json" or a schema), or None."""
-    if fmt == "json":
-        return JsonFormat()
-    return JsonFormat(fmt) if isinstance(fmt, dict) else None
-
-
-def json_format(response_format):
-    """The JsonFormat OpenAI's response_format asks for, or None for text."""
-    kind = (response_format or {}).get("type", "text")
-    if kind == "json_object":
-        return JsonFormat()
-    if kind == "json_schema":
-        spec = response_format["json_schema"]
-        return JsonFormat(spec.get("schema") or {}, spec["name"])
-    return None
 
 
 class PromptField(fields.Field):

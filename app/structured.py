@@ -4,8 +4,8 @@ llama.cpp, Ollama and vLLM constrain sampling with a grammar; main_axcl samples 
 here can force the model. What we do instead, honestly:
 
 - the request's schema goes into the prompt, compactly (every token costs ~70 ms on the card);
-- the card is stopped as soon as one complete JSON value has been generated (JsonScanner, fed by the driver
-  as text arrives), and prose or a code fence before the value is dropped;
+- the card is stopped as soon as one complete JSON value has been generated (JsonValueCut, which the driver
+  feeds as text arrives, as it feeds stop strings), and prose or a code fence before the value is dropped;
 - the value is parsed and validated (JSON Schema, with the jsonschema library); an answer that is not valid
   JSON, or does not validate, is an error that says so: never a 200 with invalid JSON dressed as a success.
 """
@@ -14,6 +14,7 @@ import json
 import jsonschema
 
 from app.errors import APIError
+from app.runner.cutters import Cut
 from app.text import JsonScanner
 from app.tools import ToolCallParser
 
@@ -38,9 +39,8 @@ def top_level_types(schema):
 class JsonFormat:
     """What a request asked for: any JSON object (`schema` None) or a value valid against `schema`."""
 
-    def __init__(self, schema=None, name=None):
+    def __init__(self, schema=None):
         self.schema = schema
-        self.name = name
         top = top_level_types(schema)
         self.opener = "[" if "array" in top and "object" not in top else "{"
 
@@ -76,6 +76,23 @@ class JsonFormat:
                 where = "/".join(str(p) for p in error.absolute_path) or "the top level"
                 raise invalid_output(f"the answer does not validate against the schema at {where}: {error.message}")
         return candidate
+
+
+class JsonValueCut:
+    """A cutter (app/runner/cutters.py): the answer ends with its first complete JSON value of the kind the
+    request asked for (`opener`, "{" or "["): nothing after it is worth the card's time."""
+
+    def __init__(self, opener):
+        self._scanner = JsonScanner(opener)
+        self._fed = 0
+
+    def scan(self, text, emitted):
+        end = self._scanner.feed(text[self._fed:])
+        self._fed = len(text)
+        return Cut(end, end) if end is not None else None
+
+    def hold(self, text):
+        return 0
 
 
 def invalid_output(why):

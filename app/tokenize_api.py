@@ -7,11 +7,10 @@ template; a conversation is not fitted to the window here: `count` says whether 
 from flask import Blueprint, jsonify
 
 from app.backend import current_backend
+from app.bodies import read_body
 from app.errors import APIError
-from app.inputs import read_body
-from app.openai_api import check_model, template_messages
-from app.runner.protocol import MAX_TOKEN_LEN
-from app.schemas import DETOKENIZE_REQUEST, TOKENIZE_REQUEST, chat_ending
+from app.openai_format import chat_ending, template_messages
+from app.schemas import DETOKENIZE_REQUEST, TOKENIZE_REQUEST
 
 bp = Blueprint("tokenize", __name__)
 
@@ -22,8 +21,9 @@ def tokenize():
     continue_final_message, tools) -> count, max_model_len, tokens[, token_strs]. llama.cpp: `content`
     -> tokens (with_pieces: [{id, piece}])."""
     raw, body = read_body(TOKENIZE_REQUEST, '{"prompt": ...} or {"messages": [...]}')
-    check_model(body["model"])
-    tokenizer = current_backend().tokenizer
+    backend = current_backend()
+    backend.check_model(body["model"])
+    tokenizer = backend.tokenizer
     if body["content"] is not None:  # llama.cpp's shape
         ids = tokenizer.encode(body["content"])
         if body["with_pieces"]:
@@ -37,7 +37,7 @@ def tokenize():
             raise APIError(400, str(exc), param="messages") from None
     else:
         ids = tokenizer.encode(body["prompt"])
-    out = {"count": len(ids), "max_model_len": MAX_TOKEN_LEN, "tokens": ids, "token_strs": None}
+    out = {"count": len(ids), "max_model_len": backend.window, "tokens": ids, "token_strs": None}
     if body["return_token_strs"]:
         out["token_strs"] = tokenizer.token_strings(ids)
     return jsonify(out)
@@ -47,8 +47,9 @@ def tokenize():
 def detokenize():
     """`tokens` -> the text: vLLM calls it `prompt`, llama.cpp `content`; both are there."""
     _, body = read_body(DETOKENIZE_REQUEST, '{"tokens": [...]}')
-    check_model(body["model"])
-    tokenizer = current_backend().tokenizer
+    backend = current_backend()
+    backend.check_model(body["model"])
+    tokenizer = backend.tokenizer
     bad = next((i for i in body["tokens"] if not tokenizer.valid_id(i)), None)
     if bad is not None:
         raise APIError(400, f"Token id {bad} is outside the vocabulary.", param="tokens")

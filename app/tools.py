@@ -114,28 +114,6 @@ class ToolCallParser:
             events.append(("content", settled))
 
 
-class PlainText:
-    """The same interface without tools: text passes through untouched."""
-
-    def feed(self, text):
-        return [("content", text)] if text else []
-
-    def finish(self):
-        return []
-
-
-def output_parser(tool_names):
-    return ToolCallParser(tool_names) if tool_names else PlainText()
-
-
-def collect(parser, text):
-    """A whole answer through the parser: (content or None, [ToolCall])."""
-    content, calls = [], []
-    for kind, value in parser.feed(text) + parser.finish():
-        (content if kind == "content" else calls).append(value)
-    return "".join(content), calls
-
-
 # -- requests ----------------------------------------------------------------------------------------------
 def tool_names(tools):
     return [tool["function"]["name"] for tool in tools or []]
@@ -158,13 +136,12 @@ def template_tool_calls(tool_calls):
             for call in tool_calls]
 
 
-def required_instruction(tool_choice):
+def required_instruction(forced_tool, required):
     """What the template lacks for tool_choice "required" or a named function: an explicit instruction."""
-    if tool_choice == "required":
-        return ("Answer only with one or more <tool_call></tool_call> blocks calling the functions above; "
+    if forced_tool is not None:
+        return (f"Answer only with a <tool_call></tool_call> block calling the function \"{forced_tool}\"; "
                 "do not answer in prose.")
-    if isinstance(tool_choice, dict):
-        name = tool_choice["function"]["name"]
-        return (f"Answer only with a <tool_call></tool_call> block calling the function \"{name}\"; "
+    if required:
+        return ("Answer only with one or more <tool_call></tool_call> blocks calling the functions above; "
                 "do not answer in prose.")
     return None

@@ -21,11 +21,15 @@ from app.tokenizer.pieces import DEFAULT_SYSTEM_PROMPT
 from app.tool_selection import select, tool_json
 
 EMPTY_SYSTEM = {"role": "system", "content": ""}
-# What the prompt's end adds to the sum of its groups: the next assistant turn's header (3 tokens:
-# <|im_start|> assistant \n), nothing, or, to continue the final assistant message, minus its end (2 tokens:
-# <|im_end|> \n).
-ENDING_TOKENS = {"generate": 3, "none": 0, "continue": -2}
-GENERATION_PROMPT_TOKENS = ENDING_TOKENS["generate"]
+
+
+# How the response says what the fit left out (README, "The 1024-token window"); exposed to CORS clients.
+DROPPED_MESSAGES = "X-Context-Dropped-Messages"
+DROPPED_TOOLS = "X-Context-Dropped-Tools"
+KEPT_TOOLS = "X-Context-Kept-Tools"
+COMPACTED_TOOLS = "X-Context-Compacted-Tools"
+UNFIT_TOOL = "X-Context-Unfit-Tool"
+DECISION_HEADERS = (DROPPED_MESSAGES, DROPPED_TOOLS, KEPT_TOOLS, COMPACTED_TOOLS, UNFIT_TOOL)
 
 
 @dataclass
@@ -44,6 +48,18 @@ class Fit:
     @property
     def truncated(self):
         return bool(self.dropped_messages or self.dropped_tools or self.compacted_tools)
+
+    def headers(self):
+        """What was left out, as response headers."""
+        headers = []
+        if self.dropped_messages or self.dropped_tools:
+            headers += [(DROPPED_MESSAGES, str(self.dropped_messages)), (DROPPED_TOOLS, str(self.dropped_tools))]
+        if self.kept_tools is not None:
+            # Tool names are 1-64 of [A-Za-z0-9_.-] (schemas.py), and only the few that fit are kept.
+            headers += [(KEPT_TOOLS, ",".join(self.kept_tools)), (COMPACTED_TOOLS, str(self.compacted_tools))]
+        if self.unfit_tool:
+            headers.append((UNFIT_TOOL, self.unfit_tool))
+        return headers
 
 
 class _Group:
@@ -66,14 +82,14 @@ class _Group:
 class Conversation:
     """A conversation as the chat template renders it, split into groups that can be counted and dropped."""
 
-    def __init__(self, tokenizer, messages, tools=None, keep_tool=None, tool_instruction=None, instruction=None,
-                 ending="generate"):
+    def __init__(self, tokenizer, messages, tools=None, keep_tool=None, tool_instruction=None,
+                 format_instruction=None, ending="generate"):
         self.tokenizer = tokenizer
         self.messages = list(messages)
         self.tools = list(tools or [])
         self.keep_tool = keep_tool          # the tool named by tool_choice: it stays when tools must go
         self.tool_instruction = tool_instruction  # tool_choice's instruction: a system turn while tools stay
-        self.instruction = instruction      # e.g. the JSON answer's format: a system turn, always there
+        self.format_instruction = format_instruction  # the JSON answer's format: a system turn, always there
         self.ending = ending                # QwenTokenizer.chat_ids: "generate", "none" or "continue"
         first_is_system = bool(self.messages) and self.messages[0]["role"] == "system"
         self.head = self.messages[0] if first_is_system else {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
@@ -96,7 +112,7 @@ class Conversation:
         return self.tokenizer.chat_ids(messages, tools or None, ending=self.ending)
 
     def _instructions(self, tools):
-        return [text for text in (self.tool_instruction if tools else None, self.instruction) if text]
+        return [text for text in (self.tool_instruction if tools else None, self.format_instruction) if text]
 
     # -- counting ----------------------------------------------------------------------------------------
     @functools.cached_property
@@ -142,7 +158,7 @@ class Conversation:
     def total_tokens(self):
         """The whole prompt as sent, counted (for messages that say how long it is)."""
         return (self.head_tokens(self.tools) + sum(g.tokens for g in self.groups)
-                + ENDING_TOKENS[self.ending])
+                + self.tokenizer.ending_tokens(self.ending))
 
     def _line_tokens(self, text):
         return len(self.tokenizer.encode(text))
@@ -211,7 +227,8 @@ def fit(conversation, window, reserve, overflow="truncate", tool_reserve=None):
     kept = [g for g in groups if not g.droppable]
     droppable = [g for g in groups if g.droppable]
     # What always stays: the system turn, later system messages, the last turn, the prompt's end.
-    fixed = conversation.head_tokens([]) + sum(g.tokens for g in kept) + ENDING_TOKENS[conversation.ending]
+    fixed = (conversation.head_tokens([]) + sum(g.tokens for g in kept)
+             + conversation.tokenizer.ending_tokens(conversation.ending))
     # As sent, if it leaves the reserve (or, with overflow "error", if it fits at all).
     limit = window if overflow == "error" else window - reserve
     tool_tokens = conversation.tool_tokens(up_to=max(0, limit - fixed))

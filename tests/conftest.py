@@ -28,11 +28,11 @@ def make_runner(tokenizer, service, tmp_path):
     emulated model folder of that mask size), closed afterwards."""
     runners = []
 
-    def make(stall_timeout=30.0, startup_timeout=30.0, on_progress=None, mask=None, **settings):
+    def make(stall_timeout=30.0, startup_timeout=30.0, on_loading=None, mask=None, **settings):
         env = emulator_env(tokenizer, **settings)
         command = emulator_command(tmp_path / f"model{len(runners)}", service.url, *[mask] if mask else [])
         runner = Runner(command, service, tmp_path, env=env, startup_timeout=startup_timeout,
-                        stall_timeout=stall_timeout, on_progress=on_progress)
+                        stall_timeout=stall_timeout, on_loading=on_loading)
         runners.append(runner)
         return runner
 

@@ -11,17 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from app.runner.card import Card, CardOptions, Done, Text
+from app.runner.card import Card, CardOptions
+from app.runner.jobs import Done, Text
 from app.runner.errors import CardDead, CardUnavailable, RunnerError, RunnerStalled
 from app.runner import emulated_model
 from tests.helpers import PROJECT_DIR, alive, said, wait_for
+from tests.helpers.jobs import result_of, spec_for
 from tests.helpers.card_process import ask as tell, start_card_process
 
 HOLD_CARD = Path(__file__).with_name("helpers") / "hold_card.py"
 
 
-def ask(tokenizer, text):
-    return tokenizer.chat_ids([{"role": "user", "content": text}])
+ask = spec_for
 
 
 def test_first_come_first_served_each_with_its_own_answer(make_card, tokenizer):
@@ -31,7 +32,7 @@ def test_first_come_first_served_each_with_its_own_answer(make_card, tokenizer):
     results = [None] * len(jobs)
 
     def consume(i):
-        results[i] = jobs[i].result(timeout=60)
+        results[i] = result_of(jobs[i], timeout=60)
 
     threads = [threading.Thread(target=consume, args=(i,)) for i in reversed(range(len(jobs)))]
     for t in threads:
@@ -62,8 +63,8 @@ def test_a_cancelled_waiter_is_skipped(make_card, tokenizer):
     skipped = card.submit(ask(tokenizer, "never served"))
     skipped.cancel()
     last = card.submit(ask(tokenizer, "served"))
-    assert last.result(timeout=60).text == said("served")
-    assert first.result(timeout=5).finish_reason == "stop"
+    assert result_of(last, timeout=60).text == said("served")
+    assert result_of(first, timeout=5).finish_reason == "stop"
     assert skipped.started_at is None
 
 
@@ -73,11 +74,11 @@ def test_failure_mid_reply_then_the_next_request_works(make_card, tokenizer, tmp
     fault_file.write_text(fault)
     card = make_card(emulator={"fault_file": str(fault_file)}, stall_timeout=0.5)
     with pytest.raises(error):
-        card.submit(ask(tokenizer, "hello")).result(timeout=30)
+        result_of(card.submit(ask(tokenizer, "hello")), timeout=30)
     fault_file.write_text("")  # the card works again
     if card.state == "unavailable":  # a dead card is reported unavailable until it starts again
         wait_for(lambda: card.state == "ready", what="the card to come back")
-    assert card.submit(ask(tokenizer, "again")).result(timeout=30).text == said("again")
+    assert result_of(card.submit(ask(tokenizer, "again")), timeout=30).text == said("again")
     # A hung runner's job runs again once on a new runner (and hangs again: the fault stays); a dead card's
     # does not (the card is unavailable).
     assert (card.restarts, card.retries) == (runs, runs - 1)
@@ -90,7 +91,7 @@ def test_runner_exit_while_idle_is_noticed_and_repaired(make_card, tokenizer):
     os.kill(first_pid, signal.SIGKILL)
     wait_for(lambda: card.runner is not None and card.runner.pid != first_pid and card.state == "ready",
              what="a new runner")
-    assert card.submit(ask(tokenizer, "fresh")).result(timeout=30).text == said("fresh")
+    assert result_of(card.submit(ask(tokenizer, "fresh")), timeout=30).text == said("fresh")
 
 
 def test_start_failure_makes_the_card_unavailable_until_it_recovers(make_card, tokenizer, tmp_path):
@@ -106,7 +107,7 @@ def test_start_failure_makes_the_card_unavailable_until_it_recovers(make_card, t
     fault_file.write_text("")
     wait_for(lambda: card.state == "ready", what="recovery")
     assert card.npu == "emulated"
-    assert card.submit(ask(tokenizer, "back")).result(timeout=30).text == said("back")
+    assert result_of(card.submit(ask(tokenizer, "back")), timeout=30).text == said("back")
 
 
 def test_backoff_grows_and_is_capped(tokenizer, tmp_path):
@@ -190,7 +191,7 @@ def test_an_unexpected_error_does_not_end_the_card_thread(make_card, tokenizer, 
     assert card._thread.is_alive() and "internal error" in card.reason
     blocker.unlink()
     wait_for(lambda: card.state == "ready", what="recovery")
-    assert card.submit(ask(tokenizer, "alive")).result(timeout=30).text == said("alive")
+    assert result_of(card.submit(ask(tokenizer, "alive")), timeout=30).text == said("alive")
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="a read-only mount needs root and unshare")

@@ -142,7 +142,7 @@ def test_timings_are_reported(make_runner, tokenizer):
 
 def test_progress_is_reported_while_loading(make_runner):
     steps = []
-    make_runner(load_ms=1, on_progress=lambda step, total: steps.append((step, total)))
+    make_runner(load_ms=1, on_loading=lambda step, total: steps.append((step, total)))
     assert steps == [(i, protocol.LOAD_STEPS) for i in range(1, protocol.LOAD_STEPS + 1)]
 
 

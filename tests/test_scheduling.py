@@ -10,14 +10,14 @@ import httpx
 import pytest
 
 from app import config
-from app.runner.card import BACKGROUND, INTERACTIVE, Done, Failed, Requeued, Started, Text
+from app.runner.jobs import BACKGROUND, INTERACTIVE, Done, Failed, Requeued, Started, Text
 from app.runner.errors import QueueFull
 from app.scheduling import Classifier
 from tests.helpers import MODEL, answer_to
+from tests.helpers.jobs import result_of, spec_for
 
 
-def ask(tokenizer, text):
-    return tokenizer.chat_ids([{"role": "user", "content": text}])
+ask = spec_for
 
 
 class Watch:
@@ -55,9 +55,9 @@ class Watch:
 def test_a_background_job_gives_way_and_runs_again_completely(make_card, tokenizer):
     card = make_card(emulator={"token_ms": 15})
     assert card.wait_ready(30) == "ready"
-    background = Watch(card.submit(ask(tokenizer, "### Task: title, count to 60"), klass=BACKGROUND))
+    background = Watch(card.submit(ask(tokenizer, "### Task: title, count to 60", request_class=BACKGROUND)))
     background.wait(Text)  # well into its answer (a whole answer: its client has seen nothing)
-    person = Watch(card.submit(ask(tokenizer, "a person"), klass=INTERACTIVE, streamed=True))
+    person = Watch(card.submit(ask(tokenizer, "a person", request_class=INTERACTIVE, streamed=True)))
     assert person.result().text == answer_to("a person")
     assert background.result().text == answer_to("### Task: title, count to 60")
     assert background.times(Requeued) and len(background.times(Started)) == 2
@@ -68,9 +68,9 @@ def test_a_background_job_gives_way_and_runs_again_completely(make_card, tokeniz
 def test_a_streamed_background_job_that_sent_text_runs_to_the_end(make_card, tokenizer):
     card = make_card(emulator={"token_ms": 15})
     assert card.wait_ready(30) == "ready"
-    background = Watch(card.submit(ask(tokenizer, "count to 60"), klass=BACKGROUND, streamed=True))
+    background = Watch(card.submit(ask(tokenizer, "count to 60", request_class=BACKGROUND, streamed=True)))
     background.wait(Text)
-    person = Watch(card.submit(ask(tokenizer, "a person"), klass=INTERACTIVE, streamed=True))
+    person = Watch(card.submit(ask(tokenizer, "a person", request_class=INTERACTIVE, streamed=True)))
     assert background.result().text == answer_to("count to 60")
     person.wait(Done)
     assert background.job.finished_at <= person.job.started_at
@@ -80,9 +80,9 @@ def test_a_streamed_background_job_that_sent_text_runs_to_the_end(make_card, tok
 def test_a_streamed_background_job_still_reading_its_prompt_gives_way(make_card, tokenizer):
     card = make_card(emulator={"token_ms": 15})
     assert card.wait_ready(30) == "ready"
-    background = Watch(card.submit(ask(tokenizer, "### Task: " + "7" * 200), klass=BACKGROUND, streamed=True))
+    background = Watch(card.submit(ask(tokenizer, "### Task: " + "7" * 200, request_class=BACKGROUND, streamed=True)))
     background.wait(Started)  # ~210 prompt tokens at 15 ms: three seconds before its first text
-    person = Watch(card.submit(ask(tokenizer, "me first"), klass=INTERACTIVE, streamed=True))
+    person = Watch(card.submit(ask(tokenizer, "me first", request_class=INTERACTIVE, streamed=True)))
     assert person.result().text == answer_to("me first")
     assert background.result().text == answer_to("### Task: " + "7" * 200)
     kinds = [type(event) for _, event in background.events]
@@ -92,10 +92,10 @@ def test_a_streamed_background_job_still_reading_its_prompt_gives_way(make_card,
 def test_people_are_served_before_waiting_background_work(make_card, tokenizer):
     card = make_card(emulator={"token_ms": 10})
     assert card.wait_ready(30) == "ready"
-    first = Watch(card.submit(ask(tokenizer, "count to 30"), klass=INTERACTIVE, streamed=True))
+    first = Watch(card.submit(ask(tokenizer, "count to 30", request_class=INTERACTIVE, streamed=True)))
     first.wait(Started)
-    task = Watch(card.submit(ask(tokenizer, "### Task: tags"), klass=BACKGROUND))
-    person = Watch(card.submit(ask(tokenizer, "second person"), klass=INTERACTIVE))
+    task = Watch(card.submit(ask(tokenizer, "### Task: tags", request_class=BACKGROUND)))
+    person = Watch(card.submit(ask(tokenizer, "second person", request_class=INTERACTIVE)))
     assert card.queue_depths() == {INTERACTIVE: 1, BACKGROUND: 1}
     assert card.position(person.job) == 0 and card.position(task.job) == 1
     task.wait(Done)
@@ -105,26 +105,26 @@ def test_people_are_served_before_waiting_background_work(make_card, tokenizer):
 
 def test_background_work_runs_whenever_nobody_waits(make_card, tokenizer):
     card = make_card()
-    jobs = [card.submit(ask(tokenizer, f"### Task: {i}"), klass=BACKGROUND) for i in range(3)]
-    assert [job.result(timeout=30).text for job in jobs] == [answer_to(f"### Task: {i}") for i in range(3)]
+    jobs = [card.submit(ask(tokenizer, f"### Task: {i}", request_class=BACKGROUND)) for i in range(3)]
+    assert [result_of(job, timeout=30).text for job in jobs] == [answer_to(f"### Task: {i}") for i in range(3)]
     assert card.preemptions == 0
 
 
 def test_a_full_queue_never_turns_a_person_away_for_background_work(make_card, tokenizer):
     card = make_card(emulator={"token_ms": 10}, max_queue=2)
     assert card.wait_ready(30) == "ready"
-    running = Watch(card.submit(ask(tokenizer, "count to 50"), streamed=True))
+    running = Watch(card.submit(ask(tokenizer, "count to 50", streamed=True)))
     running.wait(Text)
-    older = Watch(card.submit(ask(tokenizer, "### Task: older"), klass=BACKGROUND))
-    newer = Watch(card.submit(ask(tokenizer, "### Task: newer"), klass=BACKGROUND))
+    older = Watch(card.submit(ask(tokenizer, "### Task: older", request_class=BACKGROUND)))
+    newer = Watch(card.submit(ask(tokenizer, "### Task: newer", request_class=BACKGROUND)))
     with pytest.raises(QueueFull):
-        card.submit(ask(tokenizer, "### Task: one too many"), klass=BACKGROUND)
-    person = Watch(card.submit(ask(tokenizer, "a person"), klass=INTERACTIVE))
+        card.submit(ask(tokenizer, "### Task: one too many", request_class=BACKGROUND))
+    person = Watch(card.submit(ask(tokenizer, "a person", request_class=INTERACTIVE)))
     newer.wait(Failed)
     assert isinstance(newer.events[-1][1].error, QueueFull)
     assert person.result().text == answer_to("a person") and older.result().text == answer_to("### Task: older")
     with pytest.raises(QueueFull):  # two people waiting: the line is full for everyone
-        blocker = Watch(card.submit(ask(tokenizer, "count to 50"), streamed=True))
+        blocker = Watch(card.submit(ask(tokenizer, "count to 50", streamed=True)))
         blocker.wait(Text)
         card.submit(ask(tokenizer, "p1"))
         card.submit(ask(tokenizer, "p2"))
@@ -134,9 +134,9 @@ def test_a_full_queue_never_turns_a_person_away_for_background_work(make_card, t
 def test_no_preemption_when_it_is_turned_off(make_card, tokenizer):
     card = make_card(emulator={"token_ms": 15}, preempt=False)
     assert card.wait_ready(30) == "ready"
-    background = Watch(card.submit(ask(tokenizer, "### Task: count to 40"), klass=BACKGROUND))
+    background = Watch(card.submit(ask(tokenizer, "### Task: count to 40", request_class=BACKGROUND)))
     background.wait(Text)
-    person = Watch(card.submit(ask(tokenizer, "a person"), klass=INTERACTIVE))
+    person = Watch(card.submit(ask(tokenizer, "a person", request_class=INTERACTIVE)))
     person.wait(Done)
     assert background.job.finished_at <= person.job.started_at and card.preemptions == 0
 
@@ -213,7 +213,7 @@ def test_open_webui_pattern_through_gunicorn(start_server):
 
 
 def test_a_runner_figure_that_is_not_a_number_leaves_the_pace_alone():
-    from app.runner.card import PromptPace
+    from app.runner.pace import PromptPace
     from app.runner.driver import GenerationResult
     pace = PromptPace(0.07)
     for figure in (float("nan"), float("inf"), 0.0):

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from app.errors import APIError
-from app.window import GENERATION_PROMPT_TOKENS, Conversation, fit
+from app.window import Conversation, fit
 from tests.helpers import PROJECT_DIR
 
 OPEN_WEBUI_TOOLS = json.loads((PROJECT_DIR / "tests" / "fixtures" / "open_webui_tools.json").read_text())
@@ -34,7 +34,7 @@ def test_counts_add_up_to_the_whole_prompt(tokenizer):
     messages += [{"role": "system", "content": "A later system turn."}, {"role": "user", "content": "last"}]
     conversation = Conversation(tokenizer, messages, OPEN_WEBUI_TOOLS[:5])
     total = (conversation.head_tokens(conversation.tools) + sum(g.tokens for g in conversation.groups)
-             + GENERATION_PROMPT_TOKENS)
+             + tokenizer.ending_tokens("generate"))
     assert total == len(tokenizer.chat_ids(messages, OPEN_WEBUI_TOOLS[:5]))
 
 
@@ -57,7 +57,7 @@ def test_counts_add_up_for_any_conversation(tokenizer, first_system, turns, last
     messages.append({"role": "user", "content": last})
     conversation = Conversation(tokenizer, messages, OPEN_WEBUI_TOOLS[:tools])
     total = (conversation.head_tokens(conversation.tools) + sum(g.tokens for g in conversation.groups)
-             + GENERATION_PROMPT_TOKENS)
+             + tokenizer.ending_tokens("generate"))
     assert total == len(tokenizer.chat_ids(messages, OPEN_WEBUI_TOOLS[:tools] or None))
 
 
@@ -79,7 +79,8 @@ def test_a_tool_named_by_tool_choice_stays(tokenizer):
     messages = [{"role": "user", "content": "Note this down"}]
     named = OPEN_WEBUI_TOOLS[22]
     instruction = "Call write_note."
-    fitted = fit(Conversation(tokenizer, messages, OPEN_WEBUI_TOOLS, keep_tool="write_note", instruction=instruction),
+    fitted = fit(Conversation(tokenizer, messages, OPEN_WEBUI_TOOLS, keep_tool="write_note",
+                              format_instruction=instruction),
                  WINDOW, RESERVE)
     expected = tokenizer.chat_ids(messages + [{"role": "system", "content": instruction}], [named])
     assert fitted.prompt_ids == expected and fitted.dropped_tools == 35

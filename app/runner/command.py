@@ -11,6 +11,7 @@ from app.paths import PROJECT_DIR
 from app.runner import protocol
 from app.runner.errors import RunnerStartError
 
+EMULATOR = [sys.executable, "-m", "app.runner.emulator"]  # the emulated runner (emulator.py)
 VENDOR_BINARIES = {"aarch64": "main_axcl_aarch64", "arm64": "main_axcl_aarch64", "x86_64": "main_axcl_x86"}
 AXCL_LIBRARY_DIR = "/usr/lib/axcl"
 
@@ -25,13 +26,13 @@ class RunnerProgram:
 def choose_program(binary, model_dir):
     """`binary` is "auto", "emulator" or a path. auto: the model folder's build for this machine, if any."""
     if binary == "emulator":
-        return RunnerProgram([sys.executable, "-m", "app.runner.emulator"], True, "emulated runner (binary: emulator)")
+        return RunnerProgram(list(EMULATOR), True, "emulated runner (binary: emulator)")
     if binary == "auto":
         name = VENDOR_BINARIES.get(platform.machine())
         candidate = Path(model_dir) / name if name else None
         if candidate is None or not candidate.is_file():
             why = f"no {name} in {model_dir}" if name else f"no vendor build for {platform.machine()}"
-            return RunnerProgram([sys.executable, "-m", "app.runner.emulator"], True,
+            return RunnerProgram(list(EMULATOR), True,
                                  f"emulated runner (binary: auto, {why})")
         binary = candidate
     return RunnerProgram([str(binary)], False, f"main_axcl at {binary}")

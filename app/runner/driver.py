@@ -32,7 +32,8 @@ import pexpect
 
 from app.runner import protocol
 from app.runner.errors import CardDead, RunnerDied, RunnerStalled, RunnerStartError
-from app.text import JsonScanner, marker_prefix_at_end, printable
+from app.runner.cutters import StopStrings
+from app.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,13 @@ class Generation:
     """One prompt run on the runner: its limits, the output taken so far, its decode log, the caller's
     callbacks, and its timings. The Runner reads the child; this object decides what the bytes mean."""
 
-    def __init__(self, log, decoder, max_tokens, stops, on_text, cancelled, interrupt, json_value=None,
+    def __init__(self, decode_log, decoder, max_tokens, cutters, on_text, cancelled, interrupt,
                  window=protocol.MAX_TOKEN_LEN):
-        self.log = log                  # the tokenizer service's record of this prompt's /decode calls
-        self.prompt_ids = log.prompt_ids
+        self.decode_log = decode_log    # the tokenizer service's record of this prompt's /decode calls
+        self.prompt_ids = decode_log.prompt_ids
         self.window = window            # the runner's, from its banner
         self.max_tokens = max_tokens
-        self.stops = [s for s in stops if s]
-        # A JSON answer ends with its first complete value ("{" or "[" says which kind): nothing after it
-        # is worth the card's time.
-        self._json = JsonScanner(json_value) if json_value else None
+        self.cutters = list(cutters)    # where the answer ends before the model ends it (cutters.py)
         self._decoder = decoder
         self._on_text = on_text
         self._cancelled = cancelled
@@ -98,10 +96,8 @@ class Generation:
         # Why it ended early: set when we interrupt ("length", "stop" or "cancelled").
         self.reason = None
         self._interrupted_at = None
-        self._stop_sequence = None
-        self._cut_text_at = None
-        self._cut_ids_at = None
-        self._json_fed = 0              # chars of text the JSON scanner has seen
+        self._cut = None                # the first Cut a cutter found
+        self._cut_ids_at = None         # ids up to the one that completed it
         # Timings (monotonic).
         self.started = time.monotonic()
         self.first_id_at = None
@@ -127,7 +123,7 @@ class Generation:
             self.ids.append(token_id)
             self.text += self._decoder.push([token_id])
             self._id_text_end.append(len(self.text))
-        self._apply_stops(may_interrupt)
+        self._apply_cutters(may_interrupt)
         self._emit(final=False)
 
     def check_limits(self):
@@ -141,7 +137,7 @@ class Generation:
         if self.reason is None and self.max_tokens is not None and len(self.ids) >= self.max_tokens:
             self._interrupt("length")
         if self.reason is not None:
-            began = self.log.encoded_at
+            began = self.decode_log.encoded_at
             if ((began is not None and began > self._interrupted_at)
                     or time.monotonic() - self._interrupted_at >= REINTERRUPT_SECONDS):
                 self._interrupt(self.reason)
@@ -160,36 +156,27 @@ class Generation:
         self._interrupted_at = time.monotonic()
         self._interrupt_runner()
 
-    def _apply_stops(self, may_interrupt):
-        """Cut the text at the first stop string (before it), or after the first complete JSON value."""
-        if self._cut_text_at is not None:
+    def _apply_cutters(self, may_interrupt):
+        """Cut the text where the first cutter says (before a stop string, after a JSON value...)."""
+        if self._cut is not None:
             return
-        cuts = []  # (where the text is cut, where the match that cut it ends, the stop string or None)
-        if self.stops:
-            # A match can only end in text added since the last emit, so start looking just before it.
-            start = max(0, self._emitted - max(len(s) for s in self.stops))
-            found = min(((at, s) for s in self.stops if (at := self.text.find(s, start)) >= 0), default=None)
-            if found is not None:
-                cuts.append((found[0], found[0] + len(found[1]), found[1]))
-        if self._json is not None:
-            end = self._json.feed(self.text[self._json_fed:])
-            self._json_fed = len(self.text)
-            if end is not None:
-                cuts.append((end, end, None))
+        cuts = [cut for cutter in self.cutters if (cut := cutter.scan(self.text, self._emitted)) is not None]
         if not cuts:
             return
-        self._cut_text_at, end, self._stop_sequence = min(cuts, key=lambda cut: cut[0])
+        self._cut = min(cuts, key=lambda cut: cut.at)
         # Count the ids up to the one that completed the match, as OpenAI and vLLM count them.
         # (The text past the last id is what the decoder held back and released at the end.)
-        self._cut_ids_at = next((i + 1 for i, e in enumerate(self._id_text_end) if e >= end), len(self.ids))
+        self._cut_ids_at = next((i + 1 for i, e in enumerate(self._id_text_end) if e >= self._cut.end),
+                                len(self.ids))
         if may_interrupt and self.reason is None:
             self._interrupt("stop")
 
     def _emit(self, final):
-        """Pass on the text that is settled: never past a stop string, never a possible stop prefix."""
-        end = len(self.text) if self._cut_text_at is None else self._cut_text_at
-        if not final and self._cut_text_at is None and self.stops:
-            end -= marker_prefix_at_end(self.text, self.stops)
+        """Pass on the text that is settled: never past a cut, never what could still begin one."""
+        if self._cut is not None:
+            end = self._cut.at
+        else:
+            end = len(self.text) - (0 if final else max((c.hold(self.text) for c in self.cutters), default=0))
         if end > self._emitted:
             piece = self.text[self._emitted:end]
             self._emitted = end
@@ -198,18 +185,18 @@ class Generation:
 
     # -- at the end ----------------------------------------------------------------------------------
     def result(self):
-        calls = self.log.calls()
+        calls = self.decode_log.calls()
         # The runner's last /decode carries all output ids, including the 1-2 it never printed when the
         # window ended it. Keep them (within the limits) so the result holds every output id.
         if calls and calls[-1].maybe_final and self.reason is None:
             self._take(calls[-1].ids[len(self.ids):], self.ended, may_interrupt=False)
         self.text += self._decoder.finish()
-        self._apply_stops(may_interrupt=False)
+        self._apply_cutters(may_interrupt=False)
         window = self.window + 1 - len(self.prompt_ids)
         if self.reason == "cancelled":
             reason = "cancelled"
-        elif self._cut_text_at is not None:
-            self.text = self.text[:self._cut_text_at]
+        elif self._cut is not None:
+            self.text = self.text[:self._cut.at]
             self.ids = self.ids[:self._cut_ids_at]
             reason = "stop"
         elif self.reason == "length" or self._truncated or len(self.ids) >= window:
@@ -222,7 +209,7 @@ class Generation:
             text=self.text, ids=list(self.ids), finish_reason=reason,
             prompt_tokens=len(self.prompt_ids), prompt_seconds=first - self.started,
             generation_seconds=self.ended - first, total_seconds=self.ended - self.started,
-            stop_sequence=self._stop_sequence if reason == "stop" else None,
+            stop_sequence=self._cut.stop_sequence if reason == "stop" and self._cut is not None else None,
             runner_tokens_per_second=self.runner_tokens_per_second)
 
 
@@ -268,7 +255,7 @@ class Runner:
     """A running main_axcl at its `>> ` prompt."""
 
     def __init__(self, command, service, cwd, env=None, startup_timeout=120.0, stall_timeout=30.0,
-                 on_progress=None, abort=lambda: False):
+                 on_loading=None, abort=lambda: False):
         self.command = list(command)
         self.service = service
         self.stall_timeout = stall_timeout
@@ -296,7 +283,7 @@ class Runner:
         self._poller.register(self.child.child_fd, select.POLLIN)
         self._poller.register(self._service_fd, select.POLLIN)
         try:
-            self._wait_until_ready(startup_timeout, on_progress, abort)
+            self._wait_until_ready(startup_timeout, on_loading, abort)
         except BaseException:
             self.close()
             raise
@@ -330,7 +317,7 @@ class Runner:
         return data
 
     # -- start-up -------------------------------------------------------------------------------------
-    def _wait_until_ready(self, timeout, on_progress, abort):
+    def _wait_until_ready(self, timeout, on_loading, abort):
         deadline = time.monotonic() + timeout
         seen = bytearray()
         scanned = 0  # progress steps before this offset have been reported
@@ -348,8 +335,8 @@ class Runner:
             # Progress bar steps ("| 12 /  31 ["), reported as they complete; each is scanned once.
             for match in protocol.PROGRESS_RE.finditer(seen, scanned):
                 scanned = match.end()
-                if on_progress is not None:
-                    on_progress(int(match.group(1)), int(match.group(2)))
+                if on_loading is not None:
+                    on_loading(int(match.group(1)), int(match.group(2)))
             raise_if_dead(seen)
             ready = seen.find(protocol.READY_PROMPT)
             if ready >= 0 and protocol.INIT_OK in seen:
@@ -390,30 +377,30 @@ class Runner:
         return f"exit status {self.child.exitstatus}"
 
     # -- the verb -------------------------------------------------------------------------------------
-    def generate(self, prompt_ids, max_tokens=None, stop=(), on_text=None, cancelled=None, json_value=None):
+    def generate(self, prompt_ids, max_tokens=None, stop=(), on_text=None, cancelled=None, cutters=()):
         """Run one prompt. Returns a GenerationResult; raises a RunnerError if the runner fails.
 
         `max_tokens` caps the output ids (None: the window decides); `stop` holds up to 4 strings that end
-        the text before their first match; `json_value` ("{" or "[") ends it after the first complete JSON
-        value of that kind; `on_text(str)` receives the text as it is printed (never past a stop or the limit,
-        so the pieces join to the result's text); `cancelled()` is polled, and when it turns true the runner
-        is interrupted and freed and the result says "cancelled".
+        the text before their first match, and `cutters` other ends (cutters.py); `on_text(str)` receives the
+        text as it is printed (never past a cut or the limit, so the pieces join to the result's text);
+        `cancelled()` is polled, and when it turns true the runner is interrupted and freed and the result says
+        "cancelled".
         """
         if not self.usable:
             raise RunnerDied("the runner is not usable after an earlier failure")
         self.usable = False  # until this generation ends cleanly
-        log = self.service.register(prompt_ids)
-        generation = Generation(log, self.service.tokenizer.incremental_decoder(), max_tokens, stop, on_text,
-                                cancelled, interrupt=lambda: interrupt(self.child), json_value=json_value,
-                                window=self.window)
+        decode_log = self.service.register(prompt_ids)
+        generation = Generation(decode_log, self.service.tokenizer.incremental_decoder(), max_tokens,
+                                [StopStrings(stop), *cutters], on_text, cancelled,
+                                interrupt=lambda: interrupt(self.child), window=self.window)
         try:
             try:
-                self.child.send(log.handle.encode("ascii") + b"\n")
+                self.child.send(decode_log.handle.encode("ascii") + b"\n")
             except OSError as exc:
                 raise RunnerDied(f"the runner's terminal is gone: {exc}") from None
             self._stream(generation)
         finally:
-            self.service.forget(log)
+            self.service.forget(decode_log)
         result = generation.result()
         self.usable = True
         return result
@@ -437,16 +424,16 @@ class Runner:
 
             # Wait for more output, within the stall timeout (generous while the prompt is fed).
             now = time.monotonic()
-            total_calls = generation.log.call_count
+            total_calls = generation.decode_log.call_count
             if total_calls != calls_seen:
                 calls_seen, last_activity = total_calls, now
-            if generation.log.encoded_at is None and now - generation.started > ENCODE_SECONDS:
+            if generation.decode_log.encoded_at is None and now - generation.started > ENCODE_SECONDS:
                 # Stopped, or stuck in the card's driver, before it even read the line.
                 raise RunnerStalled(f"the runner did not fetch the prompt within {ENCODE_SECONDS:g} s of its "
                                     "handle line")
             allowance = self.stall_timeout + (prefill_allowance if generation.first_id_at is None else 0)
             if now - last_activity > allowance:
-                pending = generation.log.calls(generation.taken)
+                pending = generation.decode_log.calls(generation.taken)
                 # Counts only: this message reaches /health, the log and other clients.
                 raise RunnerStalled(
                     f"the runner printed nothing we could account for in {now - last_activity:.0f} s while "
@@ -470,7 +457,7 @@ class Runner:
         """
         pos = 0
         while True:
-            calls = generation.log.calls(generation.taken)
+            calls = generation.decode_log.calls(generation.taken)
             if calls and calls[0].maybe_final:
                 # The runner's last /decode comes after the notice: if the marker is here, that was it.
                 if protocol.END_RE.match(buf, pos):

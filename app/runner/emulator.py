@@ -276,7 +276,16 @@ def reply_text(prompt_text):
     tool_call = tool_reply(system, last_user)
     if tool_call is not None:
         return tool_call
-    text = f'Emulated runner (no NPU card here). You said: "{last_user}"'
+    return plain_reply(last_user)
+
+
+SAID = 'Emulated runner (no NPU card here). You said: "{}"'
+
+
+def plain_reply(last_user):
+    """The answer to a last user turn that asks for nothing in particular: what it said, then "1, 2, ..., N."
+    when it asks to "count to N"."""
+    text = SAID.format(last_user)
     count = COUNT_RE.search(last_user)
     if count:
         text += " " + ", ".join(str(i) for i in range(1, int(count.group(1)) + 1)) + "."
@@ -524,7 +533,7 @@ class Emulator:
                 pending.append(token)
                 if len(outputs) == fault_after and fault in ("crash", "hang", "dead"):
                     self.fault(fault)
-                if len(pending) == 3 and self.live_print:
+                if len(pending) == protocol.CHUNK_IDS and self.live_print:
                     out(self.decode(pending).encode())
                     pending = []
                 if self.interrupted:
@@ -549,7 +558,7 @@ class Emulator:
         hang_forever()
 
     # the loop ---------------------------------------------------------------------------------------
-    def serve(self):
+    def loop(self):
         prompt = self.opts.get("prompt", "")
         if prompt:
             self.run(prompt)
@@ -586,7 +595,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, emulator.on_sigint)
     try:
         emulator.init()
-        emulator.serve()
+        emulator.loop()
     except Stop as stop:
         return stop.status
     except ValueError as exc:

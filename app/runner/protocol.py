@@ -6,7 +6,11 @@ tests/fixtures/main_axcl_session.log; tests/test_emulator.py holds the emulator'
 import re
 
 PROMPT = b">> "
-MAX_TOKEN_LEN = 1024                   # the window: step i feeds position i
+MAX_TOKEN_LEN = 1024                   # the window (the layer models' mask size - 1): step i feeds position i
+CHUNK_IDS = 3                          # ids the runner decodes and prints at a time
+# The first text prints two steps after the last prompt token's: that step samples the first id, and the
+# chunk prints once the next two are sampled.
+STEPS_BEFORE_FIRST_TEXT = CHUNK_IDS - 1
 LAYERS = 28
 LOAD_STEPS = LAYERS + 3                # tokenizer, embed selector, 28 layers, post model
 EOS_ID = 151645

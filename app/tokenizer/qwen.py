@@ -1,4 +1,5 @@
 """The Qwen2.5 tokenizer, in process: chat rendering, exact token counts, and decoding safe to print in pieces."""
+import functools
 import os
 
 # transformers announces at import that PyTorch is missing; we only need its tokenizers.
@@ -6,7 +7,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from transformers import AutoTokenizer  # noqa: E402
 
-from app.tokenizer.pieces import IM_END, IncrementalDecoder, TokenBytes, vendor_prompt  # noqa: E402
+from app.tokenizer.pieces import IM_END, IM_START, IncrementalDecoder, TokenBytes, vendor_prompt  # noqa: E402
 
 
 class QwenTokenizer:
@@ -53,6 +54,16 @@ class QwenTokenizer:
                                  "message")
             text = text[:-len(end)]
         return self.encode(text)
+
+    def ending_tokens(self, ending):
+        """What a prompt's end adds to the sum of its turns (each turn ends with <|im_end|>\n): the assistant's
+        next turn's header ("generate"), nothing ("none"), or minus the last turn's end ("continue")."""
+        return self._ending_tokens[ending]
+
+    @functools.cached_property
+    def _ending_tokens(self):
+        return {"generate": len(self.encode(IM_START + "assistant\n")), "none": 0,
+                "continue": -len(self.encode(IM_END + "\n"))}
 
     def vendor_prompt_ids(self, line):
         """What the vendor's tokenizer script answers for one input line: the default template, one user turn."""

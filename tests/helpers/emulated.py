@@ -1,13 +1,11 @@
 """The emulated runner as tests use it: its command, its environment, its deterministic answer, and service
 settings that run it at full speed."""
 import os
-import re
-import sys
 
 from app.paths import PROJECT_DIR
-from app.runner import emulated_model, protocol
+from app.runner import command, emulated_model, emulator, protocol
 
-EMULATOR = [sys.executable, "-m", "app.runner.emulator"]
+EMULATOR = command.EMULATOR
 MODEL = "Qwen2.5-1.5B-Instruct"  # the served name; requests may also use an alias such as "qwen2.5"
 
 
@@ -19,15 +17,12 @@ def emulator_command(model_dir, tokenizer_url, mask=emulated_model.DEFAULT_MASK)
 
 
 def said(text):
-    """The emulated runner's answer to a last user turn (or raw prompt) of `text`."""
-    return f'Emulated runner (no NPU card here). You said: "{text}"'
+    """The emulated runner's answer to a last user turn (or raw prompt) of `text`, before any counting."""
+    return emulator.SAID.format(text)
 
 
-def answer_to(text):
-    """The emulated runner's whole answer to `text`: what it said, then "1, 2, ..., N." when asked to count."""
-    count = re.search(r"count to (\d{1,6})", text, re.I)
-    numbers = " " + ", ".join(str(i) for i in range(1, int(count.group(1)) + 1)) + "." if count else ""
-    return said(text) + numbers
+# Its whole answer to `text`: what it said, then "1, 2, ..., N." when asked to count.
+answer_to = emulator.plain_reply
 
 
 def prompt_ids(tokenizer, *turns, system=None):

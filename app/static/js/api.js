@@ -59,7 +59,8 @@ function explain(error, status, retryAfter) {
   const wait = retryAfter ? ` Try again in ${retryAfter} s.` : "";
   if (status === 401) return new ChatError("The service did not accept the API key.", "", status);
   if (code === "context_length_exceeded") {
-    return new ChatError("This is too long for the card's 1024-token window.", message, status);
+    return new ChatError(`This is too long for the card's ${document.body.dataset.window || 1024}-token window.`,
+                         message, status);
   }
   if (code === "shutting_down") return new ChatError("The service is restarting.", `Send again in a moment.`, status);
   if (error?.type === "server_busy" || code === "queue_full" || code === "queue_timeout") {

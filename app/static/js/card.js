@@ -2,7 +2,8 @@
 // reading the prompt, answering), what it cost afterwards, and how much of the window the conversation uses.
 // Everything comes from the stream's progress chunks (README, "Progress") and its response headers.
 
-const WINDOW = 1024; // the card's window in tokens, until a progress chunk says otherwise
+// The card's window in tokens, as the service says it (the page's data-window), until a progress chunk says otherwise.
+const WINDOW = Number(document.body.dataset.window) || 1024;
 
 const $ = (id) => document.getElementById(id);
 

@@ -21,10 +21,10 @@ let model = "qwen2.5";        // the served name replaces the alias once /v1/mod
 let history = [];             // the turns sent with the next message: {role, content, element}
 let running = null;           // the AbortController of the request in flight
 let chat = 0;                 // which conversation: "New chat" while an answer streams leaves that answer behind
-// The runner hands out its answer a few tokens at a time (3 on this card) and each piece comes as one chunk of
-// the stream: counting chunks gives the speed while answering, whatever the text. Measured again after every
-// answer from its exact token count.
-let tokensPerChunk = 3;
+// The runner hands out its answer a few tokens at a time (the page's data-chunk, as the service says it) and each
+// piece comes as one chunk of the stream: counting chunks gives the speed while answering, whatever the text.
+// Measured again after every answer from its exact token count.
+let tokensPerChunk = Number(document.body.dataset.chunk) || 3;
 
 // -- the conversation ---------------------------------------------------------------------------------------
 function nearEnd() {

@@ -1,16 +1,13 @@
-"""What requests give us: JSON bodies, and prompts rendered from them and fitted to the window; bad ones are
-400s, never 500s."""
+"""Request bodies: JSON objects read whatever Content-Type the client claimed, their sizes bounded, loaded by a
+schema (schemas.py); bad ones are 400s, never 500s."""
 import json
 
 from flask import current_app, request
-from jinja2 import TemplateError
 from werkzeug.exceptions import HTTPException
 
 from app.errors import APIError
 from app.requestlog import current_record
-from app.runner.protocol import MAX_TOKEN_LEN
 from app.text import printable
-from app.window import Conversation, fit
 
 MAX_IGNORED_LOGGED = 10  # field names per log line: a client can send thousands
 
@@ -97,47 +94,3 @@ def _unicode(text):
     except UnicodeEncodeError:
         return False
     return True
-
-
-def chat_prompt_ids(backend, messages, tools=None, keep_tool=None, tool_instruction=None, max_tokens=None,
-                    window=MAX_TOKEN_LEN, instruction=None, ending="generate"):
-    """The prompt ids of a conversation, by the chat template, fitted to the window (window.py): what was
-    left out goes into the request's record (its log line, headers and metrics). What the template cannot
-    render is the client's error."""
-    context = backend.settings["context"]
-    # The answer's room: the configured reserve, or less when the request asks for less; and never more than
-    # half of a small window (Ollama's num_ctx), or nothing of the conversation could stay.
-    reserve = min(context["reserve_tokens"], max_tokens or context["reserve_tokens"], window // 2)
-    try:
-        conversation = Conversation(backend.tokenizer, messages, tools, keep_tool, tool_instruction, instruction,
-                                    ending)
-        fitted = fit(conversation, window, reserve, context["overflow"], context["tool_reserve_tokens"])
-    except (TemplateError, TypeError, ValueError, RecursionError) as exc:
-        raise APIError(400, f"The conversation cannot be rendered by the model's chat template: {exc}",
-                       param="messages") from None
-    record = current_record()
-    if record is not None and fitted.truncated:
-        record.dropped_messages, record.dropped_tools = fitted.dropped_messages, fitted.dropped_tools
-        record.kept_tools, record.compacted_tools = fitted.kept_tools, fitted.compacted_tools
-        record.unfit_tool = fitted.unfit_tool
-    if fitted.unfit_reason:
-        raise ToolDoesNotFit(fitted.unfit_reason)
-    return fitted.prompt_ids
-
-
-class ToolDoesNotFit(Exception):
-    """The person asked for something only a tool can do, and no tool it needs fits the window: the model
-    would answer as if it had acted. The views answer this reason instead, without the card."""
-
-    def __init__(self, reason):
-        super().__init__(reason)
-        self.reason = reason
-
-
-def check_raw_prompt(prompt_ids, param, window=MAX_TOKEN_LEN, context_tokens=0):
-    """A raw prompt (no chat template: nothing to leave out) must fit the window as it is."""
-    if len(prompt_ids) > window:
-        carried = f" ({context_tokens} of them from `context`)" if context_tokens else ""
-        raise APIError(400, f"This model's maximum context length is {window} tokens. However, your {param} "
-                       f"resulted in {len(prompt_ids)} tokens{carried}. Please reduce the length of the {param}.",
-                       param=param, code="context_length_exceeded")
