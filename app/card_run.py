@@ -146,9 +146,15 @@ class CardRun:
         `progress`, Progress while the card reads the prompt (its last one, exact, comes just before the first
         Text). A card failure raises APIError; a vanished client raises ClientGone. A background job that
         gives way to a person, or whose runner failed under it (Requeued), waits again and starts again
-        (Started): its client sees only a longer wait."""
-        started = time.monotonic()
-        last_event = started
+        (Started): its client sees only a longer wait. In line again as long as any request may wait
+        (server.queue_timeout); then from the start: the wall-clock limit and the prompt's progress count the
+        new run."""
+        while (yield from self._run(progress)):
+            yield from self.waiting(report=progress)
+
+    def _run(self, progress):
+        """The events of one run of the job; returns True when it must run again."""
+        started = last_event = time.monotonic()
         next_probe = started + POLL_SECONDS
         reading = progress  # the card is (as far as we know) reading the prompt, and progress is wanted
         estimate = PromptEstimate(len(self.spec.prompt_ids), self.backend.card.seconds_per_prompt_token())
@@ -160,13 +166,7 @@ class CardRun:
             if isinstance(event, Requeued):
                 if self.record is not None:
                     self.record.ttft = None  # the text of the interrupted run was never the client's
-                # In line again, as long as any request may wait (server.queue_timeout); then from the start:
-                # the wall-clock limit and the prompt's progress count the new run.
-                yield from self.waiting(report=progress)
-                started = last_event = time.monotonic()
-                reading = progress
-                estimate = PromptEstimate(len(self.spec.prompt_ids), self.backend.card.seconds_per_prompt_token())
-                continue
+                return True
             if reading and isinstance(event, (Text, Done)):
                 reading = False
                 yield estimate.done(now - started)
@@ -183,7 +183,7 @@ class CardRun:
                 last_event = now
                 yield event
                 if isinstance(event, Done):
-                    return
+                    return False
             # On a clock, not only when idle: text flowing to a closed socket must stop too.
             if now >= next_probe:
                 next_probe = now + POLL_SECONDS

@@ -96,38 +96,31 @@ class _CardCollector:
 
     def collect(self):
         card = self.backend.card
-        depth = GaugeMetricFamily("qwen_chat_queue_depth", "Requests waiting for the card, by class",
-                                  labels=["request_class"])
-        for klass, waiting in card.queue_depths().items():
-            depth.add_metric([klass], waiting)
-        yield depth
-        preemptions = CounterMetricFamily("qwen_chat_preemptions", "Background generations interrupted for a "
-                                          "person's request (and run again later)")
-        preemptions.add_metric([], card.preemptions)
-        yield preemptions
-        busy = GaugeMetricFamily("qwen_chat_card_busy", "1 while the card is generating")
-        busy.add_metric([], 1 if card.busy else 0)
-        yield busy
-        state = GaugeMetricFamily("qwen_chat_runner_state", "The runner's state (1 for the current one)",
-                                  labels=["state"])
-        for name in CardState:
-            state.add_metric([name.value], 1 if card.state == name else 0)
-        yield state
-        npu = GaugeMetricFamily("qwen_chat_npu_status", "The card's status (1 for the current one)",
-                                labels=["status"])
-        for name in NPU_STATUSES:
-            npu.add_metric([name], 1 if card.npu == name else 0)
-        yield npu
-        retried = CounterMetricFamily("qwen_chat_generations_retried", "Generations run again (once) on a new "
-                                      "runner after the runner failed under them before their client saw text")
-        retried.add_metric([], card.retries)
-        yield retried
-        restarts = CounterMetricFamily("qwen_chat_runner_restarts", "Runner starts after the first")
-        restarts.add_metric([], card.restarts)
-        yield restarts
-        failures = GaugeMetricFamily("qwen_chat_runner_consecutive_failures", "Failures since the last success")
-        failures.add_metric([], card.failures)
-        yield failures
+        yield self._labelled(GaugeMetricFamily, "qwen_chat_queue_depth", "Requests waiting for the card, by class",
+                             "request_class", card.queue_depths())
+        yield self._labelled(GaugeMetricFamily, "qwen_chat_runner_state", "The runner's state (1 for the current "
+                             "one)", "state", {state.value: int(card.state == state) for state in CardState})
+        yield self._labelled(GaugeMetricFamily, "qwen_chat_npu_status", "The card's status (1 for the current one)",
+                             "status", {status: int(card.npu == status) for status in NPU_STATUSES})
+        for family, name, documentation, value in (
+                (CounterMetricFamily, "qwen_chat_preemptions", "Background generations interrupted for a person's "
+                 "request (and run again later)", card.preemptions),
+                (GaugeMetricFamily, "qwen_chat_card_busy", "1 while the card is generating", int(card.busy)),
+                (CounterMetricFamily, "qwen_chat_generations_retried", "Generations run again (once) on a new "
+                 "runner after the runner failed under them before their client saw text", card.retries),
+                (CounterMetricFamily, "qwen_chat_runner_restarts", "Runner starts after the first", card.restarts),
+                (GaugeMetricFamily, "qwen_chat_runner_consecutive_failures", "Failures since the last success",
+                 card.failures)):
+            metric = family(name, documentation)
+            metric.add_metric([], value)
+            yield metric
+
+    @staticmethod
+    def _labelled(family, name, documentation, label, values):
+        metric = family(name, documentation, labels=[label])
+        for key, value in values.items():
+            metric.add_metric([key], value)
+        return metric
 
 
 @bp.get("/metrics")

@@ -117,55 +117,61 @@ def _serve_run(run, prepared, writer, stream, progress):
     except ClientGone:
         return Response(status=CLIENT_CLOSED)
     if not stream:
-        with run:
-            try:
-                result = run.result()
-            except ClientGone:
-                return Response(status=CLIENT_CLOSED)
-        content, calls = output.whole(result.text, result.finish_reason)
-        _warn_if_not_called(prepared, calls)
-        return writer.whole(Outcome(result, run.received, run.waited, content, tuple(calls), bool(calls)))
+        return _whole(run, output, prepared, writer)
+    # An empty chunk can read as the end of a chunked body to some servers: never send one.
+    body = (data for data in _stream(run, output, prepared, writer, progress) if data)
+    response = Response(body, mimetype=writer.mimetype, headers=writer.headers)
+    # The server closes the response when the stream ends or the client goes, even if the body was never
+    # iterated: either way the card is freed at once.
+    response.call_on_close(run.close)
+    return response
+
+
+def _whole(run, output, prepared, writer):
+    with run:
+        try:
+            result = run.result()
+        except ClientGone:
+            return Response(status=CLIENT_CLOSED)
+    content, calls = output.whole(result.text, result.finish_reason)
+    _warn_if_not_called(prepared, calls)
+    return writer.whole(Outcome(result, run.received, run.waited, content, tuple(calls), bool(calls)))
+
+
+def _stream(run, output, prepared, writer, progress):
+    """The bytes of a streamed answer, piece by piece as the card produces them."""
+    called = False
 
     def pieces(events):
-        called = False
+        nonlocal called
         for kind, value in events:
             if kind == "content":
                 yield writer.content(value)
             else:
                 called = True
                 yield writer.call(value)
-        return called
 
-    def body():
-        yield writer.opening()
-        called = False
-        try:
-            for event in run.events(progress) if not progress else _with_waiting(run):
-                match event:
-                    case Text(text):
-                        called |= yield from pieces(output.feed(text))
-                    case Heartbeat():
-                        yield writer.heartbeat()
-                    case Queued():
-                        yield writer.queued(event)
-                    case Progress():
-                        yield writer.progress(event)
-                    case Done(result):
-                        called |= yield from pieces(output.finish())
-                        output.check(result.finish_reason)  # APIError: the stream ends with an error, not a finish
-                        _warn_if_not_called(prepared, [True] if called else [])
-                        yield writer.closing(Outcome(result, run.received, run.waited, called=called))
-        except APIError as error:
-            yield writer.error(error)
-        except ClientGone:
-            return
-
-    # An empty chunk can read as the end of a chunked body to some servers: never send one.
-    response = Response((data for data in body() if data), mimetype=writer.mimetype, headers=writer.headers)
-    # The server closes the response when the stream ends or the client goes, even if the body was never
-    # iterated: either way the card is freed at once.
-    response.call_on_close(run.close)
-    return response
+    yield writer.opening()
+    try:
+        for event in _with_waiting(run) if progress else run.events():
+            match event:
+                case Text(text):
+                    yield from pieces(output.feed(text))
+                case Heartbeat():
+                    yield writer.heartbeat()
+                case Queued():
+                    yield writer.queued(event)
+                case Progress():
+                    yield writer.progress(event)
+                case Done(result):
+                    yield from pieces(output.finish())
+                    output.check(result.finish_reason)  # APIError: the stream ends with an error, not a finish
+                    _warn_if_not_called(prepared, [True] if called else [])
+                    yield writer.closing(Outcome(result, run.received, run.waited, called=called))
+    except APIError as error:
+        yield writer.error(error)
+    except ClientGone:
+        return
 
 
 def _with_waiting(run):

@@ -228,35 +228,59 @@ def spread(values, fmt="{:.1f}"):
 
 
 # -- the measurements ----------------------------------------------------------------------------------------
-def latency(rounds, tokenizer, tokenizer_dir, tmp):
+def latency(rounds, tokenizer, tokenizer_dir, tmp, projects):
+    """Time to first token and end to end at card pacing: each checkout's service and the baseline, alternating."""
     messages = [{"role": "user", "content": QUESTION}]
     prompt_ids = tokenizer.chat_ids(messages)
-    rows = {"ttft": ([], []), "e2e": ([], [])}
+    rows = {"ttft": {"baseline": []}, "e2e": {"baseline": []}}
     with Baseline(CARD_MS, tokenizer_dir, tmp / "baseline-latency") as baseline, \
-            Service(tmp / "service-latency", CARD_MS) as service, httpx.Client(timeout=600) as http:
+            Services(tmp, "latency", CARD_MS, projects) as services, httpx.Client(timeout=600) as http:
         for _ in range(rounds):
-            s_ttft, s_e2e, s_text = service.stream(http, messages)
             b_ttft, b_e2e, b_text = baseline.run(prompt_ids)
-            assert s_text == b_text, (s_text, b_text)  # the same work on both sides
-            rows["ttft"][0].append(s_ttft), rows["ttft"][1].append(b_ttft)
-            rows["e2e"][0].append(s_e2e), rows["e2e"][1].append(b_e2e)
-    return rows, len(prompt_ids), len(tokenizer.encode(s_text))
+            rows["ttft"]["baseline"].append(b_ttft), rows["e2e"]["baseline"].append(b_e2e)
+            for name, service in services:
+                ttft, e2e, text = service.stream(http, messages)
+                assert text == b_text, (text, b_text)  # the same work on both sides
+                rows["ttft"].setdefault(name, []).append(ttft), rows["e2e"].setdefault(name, []).append(e2e)
+    return rows, len(prompt_ids), len(tokenizer.encode(b_text))
 
 
-def throughput(rounds, tokenizer, tokenizer_dir, tmp, count=200):
+def throughput(rounds, tokenizer, tokenizer_dir, tmp, projects, count=200):
+    """Tokens a second at 0 ms/token, streamed: each checkout's service and the baseline, alternating."""
     messages = [{"role": "user", "content": f"count to {count}"}]
     prompt_ids = tokenizer.chat_ids(messages)
-    service_rates, baseline_rates = [], []
+    rates = {"baseline": []}
     with Baseline(0, tokenizer_dir, tmp / "baseline-throughput") as baseline, \
-            Service(tmp / "service-throughput", 0) as service, httpx.Client(timeout=600) as http:
+            Services(tmp, "throughput", 0, projects) as services, httpx.Client(timeout=600) as http:
         for _ in range(rounds + 1):  # the first round of each warms up
-            _, s_e2e, s_text = service.stream(http, messages)
             _, b_e2e, b_text = baseline.run(prompt_ids)
-            assert s_text == b_text
-            tokens = len(tokenizer.encode(s_text))
-            service_rates.append(tokens / s_e2e)
-            baseline_rates.append(tokens / b_e2e)
-    return service_rates[1:], baseline_rates[1:], tokens
+            tokens = len(tokenizer.encode(b_text))
+            rates["baseline"].append(tokens / b_e2e)
+            for name, service in services:
+                _, e2e, text = service.stream(http, messages)
+                assert text == b_text
+                rates.setdefault(name, []).append(tokens / e2e)
+    return {name: values[1:] for name, values in rates.items()}, tokens
+
+
+class Services(list):
+    """A Service for each (name, checkout), started one after the other, all stopped at the end."""
+
+    def __init__(self, tmp, label, token_ms, projects):
+        super().__init__()
+        try:
+            for i, (name, project) in enumerate(projects):
+                self.append((name, Service(tmp / f"service-{label}-{i}", token_ms, project=project)))
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for _, service in self:
+            service.stop()
 
 
 def saturation(runs, tmp, clients=16):
@@ -616,8 +640,8 @@ def main():
     measures = ["latency", "throughput", "saturation", "memory", "startup", "fitting", "long_chat", "openwebui",
                 "home_assistant", "runner_deadline", "preparation"]
     parser.add_argument("--only", choices=measures, action="append", help="run only these measurements (repeatable)")
-    parser.add_argument("--compare", metavar="CHECKOUT", help="runner_deadline, preparation: also run this other "
-                        "checkout (e.g. a git worktree of an earlier commit), side by side")
+    parser.add_argument("--compare", metavar="CHECKOUT", help="latency, throughput, runner_deadline, preparation: "
+                        "also run this other checkout (e.g. a git worktree of an earlier commit), side by side")
     parser.add_argument("--seconds", type=float, default=30, help="runner_deadline: how long the load lasts")
     args = parser.parse_args()
     wanted = set(args.only or measures)
@@ -630,10 +654,11 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         results = {}
+        projects = [("service", PROJECT_DIR)] + ([("compared", Path(args.compare))] if args.compare else [])
         if "latency" in wanted:
-            results["latency"] = latency(rounds, tokenizer, tokenizer_dir, tmp)
+            results["latency"] = latency(rounds, tokenizer, tokenizer_dir, tmp, projects)
         if "throughput" in wanted:
-            results["throughput"] = throughput(rounds, tokenizer, tokenizer_dir, tmp)
+            results["throughput"] = throughput(rounds, tokenizer, tokenizer_dir, tmp, projects)
         if "saturation" in wanted:
             results["saturation"] = saturation(1 if args.quick else 3, tmp)
         if "memory" in wanted:
@@ -648,7 +673,6 @@ def main():
             results["openwebui"] = openwebui(tokenizer, tmp)
         if "home_assistant" in wanted:
             results["home_assistant"] = home_assistant(tokenizer, tmp)
-        projects = [("this checkout", PROJECT_DIR)] + ([("compared", Path(args.compare))] if args.compare else [])
         if "runner_deadline" in wanted:
             results["runner_deadline"] = runner_deadline(tmp, projects, args.seconds)
         if "preparation" in wanted:
@@ -660,18 +684,22 @@ def main():
     if "latency" in results:
         lat, prompt_tokens, reply_tokens = results["latency"]
         for key, label in (("ttft", "time to first token, 70 ms/token"), ("e2e", "end to end, 70 ms/token")):
-            s, b = lat[key]
-            ratio = statistics.median(s) / statistics.median(b)
-            added = (statistics.median(s) - statistics.median(b)) * 1000
-            print(f"{label + f' ({prompt_tokens} + {reply_tokens} tokens), ms':58} "
-                  f"{spread([x * 1000 for x in s]):>22} {spread([x * 1000 for x in b]):>22} "
-                  f"{f'{ratio:.4f} / {added:+.1f} ms':>18}  <= 1.01, <= 10 ms")
+            b = lat[key]["baseline"]
+            for name, s in ((n, v) for n, v in lat[key].items() if n != "baseline"):
+                ratio = statistics.median(s) / statistics.median(b)
+                added = (statistics.median(s) - statistics.median(b)) * 1000
+                who = "" if name == "service" else f" [{name}]"
+                print(f"{label + f' ({prompt_tokens} + {reply_tokens} tokens), ms' + who:58} "
+                      f"{spread([x * 1000 for x in s]):>22} {spread([x * 1000 for x in b]):>22} "
+                      f"{f'{ratio:.4f} / {added:+.1f} ms':>18}  <= 1.01, <= 10 ms")
     if "throughput" in results:
-        service_rates, baseline_rates, long_tokens = results["throughput"]
-        ratio = statistics.median(service_rates) / statistics.median(baseline_rates)
-        print(f"{f'throughput at 0 ms/token ({long_tokens} tokens, streamed), tokens/s':58} "
-              f"{spread(service_rates, '{:.0f}'):>22} {spread(baseline_rates, '{:.0f}'):>22} "
-              f"{f'{ratio:.3f}':>18}  >= 0.8")
+        rates, long_tokens = results["throughput"]
+        for name, service_rates in ((n, v) for n, v in rates.items() if n != "baseline"):
+            ratio = statistics.median(service_rates) / statistics.median(rates["baseline"])
+            who = "" if name == "service" else f" [{name}]"
+            print(f"{f'throughput at 0 ms/token ({long_tokens} tokens, streamed), tokens/s' + who:58} "
+                  f"{spread(service_rates, '{:.0f}'):>22} {spread(rates['baseline'], '{:.0f}'):>22} "
+                  f"{f'{ratio:.3f}':>18}  >= 0.8")
     if "saturation" in results:
         print(f"{'saturation, 16 streaming clients at 70 ms/token':58} {spread(results['saturation'], '{:.4f}'):>22} "
               f"{'':>22} {'':>18}  >= 0.98")

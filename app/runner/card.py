@@ -273,15 +273,12 @@ class Card:
             job.text_sent = True
             job.put(Text(text))
 
-        def client_saw_nothing():
-            return not (spec.streamed and job.text_sent)
-
         def should_stop():
             nonlocal preempted
             if job.cancelled or self._stopping.is_set():
                 return True
             # A person waits, and this background job's client has seen nothing yet: it can run again later.
-            if (self.options.preempt and spec.request_class == BACKGROUND and client_saw_nothing()
+            if (self.options.preempt and spec.request_class == BACKGROUND and not self._client_saw_text(job)
                     and self._queue.depth(INTERACTIVE)):
                 preempted = True
             return preempted
@@ -291,17 +288,7 @@ class Card:
                                           on_text=on_text, cancelled=should_stop,
                                           cutters=[make() for make in spec.cutters])
         except RunnerError as exc:
-            self._drop_runner(force=isinstance(exc, RunnerStalled))
-            self._failed(exc, unavailable=isinstance(exc, CardDead))
-            if not job.retried and not job.cancelled and client_saw_nothing() \
-                    and self.state != CardState.UNAVAILABLE:
-                # Its client has seen nothing: it waits for the new runner and runs again, once, from the start.
-                job.retried = True
-                self.retries += 1
-                log.info("a generation the runner failed under will run again once the runner is back")
-                self._run_again(job)
-            else:
-                job.put(Failed(exc))
+            self._failed_under(job, exc)
         except Exception as exc:  # a bug of ours: the runner's state is unknown, so restart it
             log.error("generation failed: %s", traceback_without_message(exc))
             error = internal_error(exc)
@@ -320,6 +307,22 @@ class Card:
         finally:
             job.finished_at = time.monotonic()
             self.busy = False
+
+    @staticmethod
+    def _client_saw_text(job):
+        return job.spec.streamed and job.text_sent
+
+    def _failed_under(self, job, exc):
+        """The runner failed under a job: restart it; the job runs again once if its client has seen nothing."""
+        self._drop_runner(force=isinstance(exc, RunnerStalled))
+        self._failed(exc, unavailable=isinstance(exc, CardDead))
+        if job.retried or job.cancelled or self._client_saw_text(job) or self.state == CardState.UNAVAILABLE:
+            job.put(Failed(exc))
+            return
+        job.retried = True
+        self.retries += 1
+        log.info("a generation the runner failed under will run again once the runner is back")
+        self._run_again(job)
 
     def _run_again(self, job):
         job.put(Requeued())
