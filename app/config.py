@@ -29,7 +29,7 @@ class ConfigError(Exception):
         super().__init__(f"invalid configuration in {source}:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-# -- the schema (every key documented in README.md and instance/config.example.yaml) -----------------
+# -- the schema (every key documented in docs/CONFIGURATION.md and instance/config.example.yaml) ------
 class _Strict(Schema):
     class Meta:
         unknown = RAISE
@@ -132,7 +132,7 @@ class GenerationConfig(_Strict):
 class ContextConfig(_Strict):
     overflow = fields.String(load_default="truncate", validate=validate.OneOf(("truncate", "error")))
     reserve_tokens = fields.Integer(load_default=256, validate=validate.Range(1, 1023))
-    # The answer's room when only some tool definitions fit: a tool call is short (README, Home Assistant).
+    # The answer's room when only some tool definitions fit: a tool call is short (docs/API.md, "Home Assistant").
     tool_reserve_tokens = fields.Integer(load_default=80, validate=validate.Range(1, 1023))
     # What one request may hold (a 400 beyond): far above real clients (Open WebUI: 200 messages, 36 tools).
     max_messages = fields.Integer(load_default=2000, validate=validate.Range(1, 1_000_000))

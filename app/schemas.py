@@ -118,7 +118,7 @@ class _ChatEnding(_Lenient):
 class OpenAIRequest(_Lenient):
     """What every OpenAI request shares: model, limits, stop, stream, and the sampling fields every client
     sends. The card's sampling is fixed when the runner starts, so those are accepted (and type-checked) but
-    do not change the output; see README."""
+    do not change the output; see docs/CONFIGURATION.md."""
     temperature = fields.Float(load_default=None, allow_none=True, validate=validate.Range(0, 2))
     top_p = fields.Float(load_default=None, allow_none=True, validate=validate.Range(0, 1))
     top_k = fields.Integer(strict=True, load_default=None, allow_none=True)

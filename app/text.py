@@ -28,7 +28,7 @@ def printable(text):
 
 def traceback_without_message(exc):
     """A traceback for the log with the exception's type but not its message: a message can quote a prompt
-    or an answer, and logs carry no one's text (README, "Security model")."""
+    or an answer, and logs carry no one's text (docs/OPERATIONS.md, "Security model")."""
     frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
     return f"Traceback (most recent call last):\n{frames}{type(exc).__qualname__} (message withheld)"
 

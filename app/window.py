@@ -23,7 +23,7 @@ from app.tool_selection import select, tool_json
 EMPTY_SYSTEM = {"role": "system", "content": ""}
 
 
-# How the response says what the fit left out (README, "The 1024-token window"); exposed to CORS clients.
+# How the response says what the fit left out (docs/API.md, "The 1024-token window"); exposed to CORS clients.
 DROPPED_MESSAGES = "X-Context-Dropped-Messages"
 DROPPED_TOOLS = "X-Context-Dropped-Tools"
 KEPT_TOOLS = "X-Context-Kept-Tools"

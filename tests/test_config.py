@@ -1,9 +1,11 @@
 """Configuration: defaults, the commented example, one clear line per problem."""
+import re
 import subprocess
 import sys
 
 import pytest
 import yaml
+from marshmallow import fields
 
 from app import config
 from tests.helpers import PROJECT_DIR
@@ -28,11 +30,20 @@ def test_the_example_documents_exactly_the_defaults():
             assert key in example[section], f"{section}.{key} is missing from {EXAMPLE.name}"
 
 
-def test_every_key_is_documented_in_the_readme():
-    readme = (PROJECT_DIR / "README.md").read_text()
-    for section, values in strip_derived(config.load({})).items():
-        for key in values:
-            assert f"`{section}.{key}`" in readme, f"{section}.{key} is not in README.md"
+def schema_keys(schema, prefix=""):
+    """Every key of the configuration's schema, dotted (a nested section below the top level is a key too)."""
+    for name, field in schema.fields.items():
+        if isinstance(field, fields.Nested):
+            if prefix:
+                yield prefix + name
+            yield from schema_keys(field.schema, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
+def test_every_key_is_documented_once_in_configuration_md_and_no_other():
+    table = re.findall(r"^\| `([a-z_.]+)` \|", (PROJECT_DIR / "docs" / "CONFIGURATION.md").read_text(), re.M)
+    assert sorted(table) == sorted(schema_keys(config.CONFIG))
 
 
 def test_one_line_per_problem(tmp_path):

@@ -1,4 +1,4 @@
-"""Several cards: one service per card, all listed in nginx's upstream (README, "Several cards"), with a real
+"""Several cards: one service per card, all listed in nginx's upstream (docs/OPERATIONS.md, "Deployment"), with a real
 nginx running nginx/qwen-chat.conf in front of two services on emulated runners."""
 import os
 import signal
@@ -76,7 +76,7 @@ def test_a_busy_card_sends_the_request_to_the_other(start_server, nginx):
     assert served(other) == 4
     assert running.thread.is_alive() and waiting.thread.is_alive()
     # With every card full, the client is told to come back: the service's 503, or nginx's 502 once it has
-    # counted enough 503s to leave every card out for fail_timeout (README, "Several cards").
+    # counted enough 503s to leave every card out for fail_timeout (docs/OPERATIONS.md, "Deployment").
     also_running = Stream(other.url, "count to 200")
     other.wait_until_busy()
     also_waiting = Stream(other.url, "count to 2")

@@ -7,9 +7,10 @@ decode log, callbacks and timings live in a `Generation`. The design follows doc
 - The prompt never goes to stdin: the tokenizer service registers it and we write one short handle line.
 - The end of a generation is found only as the `hit eos` notice followed by `>> `, and only where every
   byte before it is text the tokenizer service answered to /decode (the runner prints exactly those
-  answers). So model text containing `>> `, blank lines or `hit eos` comes back byte-exact.
+  answers; the service reports each answer before the runner has it, and the driver polls those reports
+  beside the pty). So model text containing `>> `, blank lines or `hit eos` comes back byte-exact.
 - Output ids come from the /decode calls, so `max_tokens` is exact: SIGINT once enough ids exist, and the
-  ids and text past the limit are dropped.
+  ids and text past the limit are dropped; so is text past a cut (stop strings, or any cutter: cutters.py).
 - Only new bytes are scanned (no regex over an ever-growing buffer), at fixed positions.
 - The pty translates nothing (ONLCR off, echo off) and the runner dies with its parent (PR_SET_PDEATHSIG,
   armed from the long-lived thread that spawns it; see card.py).

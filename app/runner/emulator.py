@@ -2,12 +2,16 @@
 
     python -m app.runner.emulator <the vendor's flags>
 
-It behaves like the real binary as docs/PROTOCOL.md describes it: the same flags (unknown ones rejected), the
-same bytes on stdout (banner, colours, progress bar, `>> `, the `hit eos` notice), the same HTTP calls to
-the tokenizer service (`/bos_id` and `/eos_id` at start, `/encode` per input line, `/decode` every 3 ids and
-once more with all ids), the same stop rules (eos, the 1024-token window, SIGINT checked once per step),
-`q` to quit, and the spin on end of input (it sleeps between prompts rather than burning a core). SIGHUP is
-ignored, as the trap in docs/PROTOCOL.md requires: only a signal that kills stops a runner whose parent is gone.
+It behaves like the vendor's own loop as docs/PROTOCOL.md describes it ("Seen in the vendor's own loop"): the
+same flags (unknown ones rejected); the same bytes on stdout (banner, colours, progress bar, `>> `, the
+`hit eos` notice); the same HTTP calls to the tokenizer service, as cpp-httplib makes them (a new connection
+each, its headers, 1 s timeouts: `/bos_id` and `/eos_id` at start, `/encode` per input line, `/decode` every 3
+ids and once more with all ids), with the same consequences (a call refused or answered later than 1 s: death
+by SIGSEGV; a non-200 /decode: two [E] lines, 1 s, one retry, then ""); the same model files (the window from
+the layer models' mask size, the embedding table opened read-write and mapped shared: emulated_model.py);
+the same stop rules (eos, the window, SIGINT checked once per step after that step's id is sampled); `q` to
+quit, and the spin on end of input (it sleeps between prompts rather than burning a core). SIGHUP is ignored,
+as the trap in docs/PROTOCOL.md requires: only a signal that kills stops a runner whose parent is gone.
 
 Its answer is deterministic and derived from the conversation it was given:
 - it says it is the emulated runner and quotes the last user turn (for a prompt without chat markup, the
@@ -15,8 +19,9 @@ Its answer is deterministic and derived from the conversation it was given:
 - when that turn contains "count to N" (N up to 100000), it goes on with "1, 2, ..., N." (long answers for
   max_tokens and window tests);
 - when the system turn offers tools and the last user turn says "call <name> [with <arguments>]" (or asks
-  for "the weather in <place> [and <place>]" and a weather tool is offered; see `tool_reply`), it answers
-  with <tool_call> blocks instead; when the last turn hands back tool results, it quotes them;
+  for "the weather in <place> [and <place>]" with a weather tool, or says "turn on|off X" with Home
+  Assistant's intents; see `tool_reply`), it answers with <tool_call> blocks instead; when the last turn hands
+  back tool results, it quotes them;
 - when the last user turn says "answer with: TEXT", it answers TEXT exactly, whatever it is (structured
   output tests: JSON valid or not, wrapped in prose or fences, followed by more words);
 - when the prompt ends inside an assistant message (a prefill to continue), it answers
@@ -34,7 +39,8 @@ Environment (the driver sets these from the config's `runner.emulator` section):
                             read at start and at every prompt (tests use it as a card that dies and recovers)
   QWEN_EMULATOR_TOKENIZER   folder holding tokenizer.json (default: the model folder's, else instance/'s)
   QWEN_EMULATOR_TRACE       file to append "start|end <unix time>" lines to, one pair per generation, with a
-                            "decode <seconds>" line per /decode round trip in between (benchmarks read it)
+                            "decode <seconds>" line per /decode round trip in between, or "decode-failed
+                            <seconds>" before it dies of one (benchmarks read it)
 """
 import functools
 import json

@@ -1,6 +1,6 @@
 // The panel above the message box: what the card is doing for this page's request (waiting in the queue,
 // reading the prompt, answering), what it cost afterwards, and how much of the window the conversation uses.
-// Everything comes from the stream's progress chunks (README, "Progress") and its response headers.
+// Everything comes from the stream's progress chunks (docs/API.md, "Progress") and its response headers.
 
 // The card's window in tokens, as the service says it (the page's data-window), until a progress chunk says otherwise.
 const WINDOW = Number(document.body.dataset.window) || 1024;
