@@ -1,7 +1,7 @@
 """A Card in a process of its own, for tests that need its limits or its view of /proc to differ from the
 test's (a low RLIMIT_NOFILE; /proc hidden in a mount namespace). Driven by JSON lines:
 
-    python tests/helpers/card_process.py WORKDIR NOFILE_LIMIT(0: unchanged)
+    python -m tests.helpers.card_process WORKDIR NOFILE_LIMIT(0: unchanged)
 
 It prints {"state", "reason", "url", "runner_pid"} once the card is ready or unavailable, then
 answers each line on stdin: {"generate": text} -> {"text", "finish_reason"}; {"restart": true} (kill the
@@ -22,12 +22,15 @@ from pathlib import Path
 from app import config
 from app.runner.card import Card, CardOptions
 from app.tokenizer.qwen import QwenTokenizer
+from tests.helpers import PROJECT_DIR
+from tests.helpers.jobs import result_of, spec_for
 
 
 def start_card_process(workdir, nofile=0, wrap=()):
     """(For tests) this script in a process of its own, and the first line it prints (ready or unavailable)."""
-    card = subprocess.Popen([*wrap, sys.executable, __file__, str(workdir), str(nofile)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    card = subprocess.Popen([*wrap, sys.executable, "-m", "tests.helpers.card_process", str(workdir), str(nofile)],
+                            cwd=PROJECT_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     return card, json.loads(card.stdout.readline())
 
 
@@ -75,9 +78,8 @@ def main(workdir, nofile):
     for line in sys.stdin:
         command = json.loads(line)
         if "generate" in command:
-            ids = tokenizer.chat_ids([{"role": "user", "content": command["generate"]}])
             try:
-                result = card.submit(ids).result(60)
+                result = result_of(card.submit(spec_for(tokenizer, command["generate"])), 60)
                 say({"text": result.text, "finish_reason": result.finish_reason})
             except Exception as exc:  # the test reads what failed
                 say({"error": f"{type(exc).__name__}: {exc}"})
