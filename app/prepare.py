@@ -6,7 +6,7 @@ import functools
 from jinja2 import TemplateError
 
 from app.errors import APIError
-from app.generation import ChatRequest, Prepared
+from app.generation import UNTIL_THE_WINDOW, ChatRequest, Prepared
 from app.runner.jobs import GenerationSpec
 from app.structured import JsonValueCut
 from app.tools import required_instruction, tool_names
@@ -23,12 +23,12 @@ def prepare(backend, request, headers):
 
 
 def _spec(backend, request, prompt_ids, headers, messages, json_answer):
-    """The GenerationSpec: the configured output limit when the request names none; the card stops after a
-    JSON value when one is asked for and no tool is offered (a tool call is JSON too)."""
+    """The GenerationSpec: the configured output limit when the request names none (None: the window's); the
+    card stops after a JSON value when one is asked for and no tool is offered (a tool call is JSON too)."""
     cutters = (functools.partial(JsonValueCut, request.json_format.opener),) if json_answer else ()
+    max_tokens = request.max_tokens or backend.settings["generation"]["max_tokens"]
     return GenerationSpec(
-        prompt_ids=tuple(prompt_ids),
-        max_tokens=request.max_tokens or backend.settings["generation"]["max_tokens"],
+        prompt_ids=tuple(prompt_ids), max_tokens=None if max_tokens == UNTIL_THE_WINDOW else max_tokens,
         stop_strings=tuple(request.stop_strings), cutters=cutters,
         request_class=backend.request_class(headers, messages, request.model), streamed=request.stream)
 
@@ -52,6 +52,8 @@ def _prepare_chat(backend, request, headers, window):
     names = tuple(tool_names(tools))
     asked = bool(tools) and (request.tool_required or request.forced_tool is not None)
     if fitted.unfit_reason:
+        if fmt or asked:  # the client wants JSON or a tool call: words of ours would break its promise
+            raise APIError(400, fitted.unfit_reason, param="tools", code="context_length_exceeded")
         return Prepared(None, (), names, fmt, fitted, asked, explanation=fitted.unfit_reason)
     spec = _spec(backend, request, fitted.prompt_ids, headers, request.messages, fmt is not None and not tools)
     return Prepared(spec, tuple(fitted.prompt_ids), names, fmt, fitted, asked)

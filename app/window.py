@@ -45,10 +45,6 @@ class Fit:
     unfit_tool: str | None = None
     unfit_reason: str | None = None
 
-    @property
-    def truncated(self):
-        return bool(self.dropped_messages or self.dropped_tools or self.compacted_tools)
-
     def headers(self):
         """What was left out, as response headers."""
         headers = []
@@ -234,9 +230,14 @@ def fit(conversation, window, reserve, overflow="truncate", tool_reserve=None):
     tool_tokens = conversation.tool_tokens(up_to=max(0, limit - fixed))
     if (tool_tokens is not None and fixed + tool_tokens <= limit
             and newest_that_fit(droppable, limit - fixed - tool_tokens) == len(droppable)):
-        return Fit(conversation.render_ids())
+        ids = conversation.render_ids()
+        if len(ids) <= limit:  # the counts are exact (tests hold them so); this only guards the card
+            return Fit(ids)
     if overflow == "error":
         raise too_long(conversation, window, ", and nothing is left out (context.overflow is error)")
+    if fixed > window:
+        # Before any tool is weighed: choosing costs time that grows with the words of what always stays.
+        raise too_long(conversation, window, ", which cannot fit even with earlier turns and tool definitions left out")
     tools, selection = conversation.tools, None
     if tools and (tool_tokens is None or fixed + tool_tokens + reserve > window):
         # Even without any earlier turn the tools leave no room: the ones the request needs stay.

@@ -91,6 +91,13 @@ def test_too_many_entities_for_the_tool_is_said_plainly_without_the_card(server)
     assert server.metric("qwen_chat_context_tool_unfit_total", endpoint="/api/chat") >= 1
 
 
+def test_a_client_that_wants_json_gets_the_unfit_tool_as_a_400_not_prose(server):
+    body = {**assist_request(home(30), "turn on the kitchen light"), "format": "json", "stream": False}
+    response, _ = post_chat(server, body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"].startswith("This request needs the tool HassTurnOn, and it does not fit")
+
+
 def test_a_system_prompt_larger_than_the_window_is_a_400_that_names_it(server):
     response, _ = post_chat(server, fixture("assist_37_entities"))
     assert response.status_code == 400

@@ -64,7 +64,7 @@ def test_counts_add_up_for_any_conversation(tokenizer, first_system, turns, last
 def test_a_conversation_that_fits_is_untouched(tokenizer):
     messages = exchange(0) + [{"role": "user", "content": "hello"}]
     fitted = fit(Conversation(tokenizer, messages), WINDOW, RESERVE)
-    assert fitted.prompt_ids == tokenizer.chat_ids(messages) and not fitted.truncated
+    assert fitted.prompt_ids == tokenizer.chat_ids(messages) and not fitted.headers()
 
 
 def test_open_webuis_default_request_drops_the_tools(tokenizer):
@@ -172,3 +172,18 @@ def test_a_long_conversation_is_counted_only_as_far_as_the_window_reaches(tokeni
     assert len(conversation.groups) == 5001 and len(counted) < 80
     assert fitted.prompt_ids == tokenizer.chat_ids(messages[-len(messages) + fitted.dropped_messages:])
     assert len(fitted.prompt_ids) <= WINDOW - RESERVE
+
+
+def test_what_cannot_fit_is_refused_before_any_tool_is_weighed(tokenizer, monkeypatch):
+    # Weighing tools costs time that grows with the words of the system turn and the last message: a request
+    # whose fixed part alone overflows the window (a 1 MiB body can) must not pay it, let alone for a 400.
+    def weighed(*args, **kwargs):
+        raise AssertionError("tools were weighed for a request that cannot fit")
+
+    monkeypatch.setattr("app.window.select", weighed)
+    system = "\n".join(f"- Item {i}: word{i} other{i}" for i in range(400))
+    question = " ".join(f"word{i}" for i in range(400))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    with pytest.raises(APIError) as caught:
+        fit(Conversation(tokenizer, messages, OPEN_WEBUI_TOOLS), WINDOW, RESERVE)
+    assert caught.value.code == "context_length_exceeded"
