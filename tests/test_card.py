@@ -14,7 +14,7 @@ import pytest
 from app.runner.card import Card, CardOptions
 from app.runner.jobs import Done, Text
 from app.runner.errors import CardDead, CardUnavailable, RunnerError, RunnerStalled
-from app.runner import emulated_model
+from app.runner import card as card_module, emulated_model
 from tests.helpers import PROJECT_DIR, alive, said, wait_for
 from tests.helpers.jobs import result_of, spec_for
 from tests.helpers.card_process import ask as tell, start_card_process
@@ -177,9 +177,10 @@ def test_sigkill_of_the_parent_leaves_no_runner(tmp_path):
     wait_for(lambda: not alive(runner_pid), timeout=10, what="the orphaned runner to die")
 
 
-def test_an_unexpected_error_does_not_end_the_card_thread(make_card, tokenizer, tmp_path):
+def test_a_runner_folder_that_cannot_be_made_is_a_clear_start_error_and_the_card_recovers(make_card, tokenizer,
+                                                                                          tmp_path):
     # The runner's working directory cannot be written (a file is in the way): starting fails with an
-    # OSError, not a RunnerError. The card must keep trying, not die and leave requests waiting forever.
+    # OSError. The card says so and keeps trying; it must not die and leave requests waiting forever.
     card = make_card()
     assert card.wait_ready(30) == "ready"
     blocker = tmp_path / "runner"
@@ -188,8 +189,28 @@ def test_an_unexpected_error_does_not_end_the_card_thread(make_card, tokenizer, 
     shutil.rmtree(blocker)
     blocker.write_text("not a directory")
     wait_for(lambda: card.failures >= 2, what="failed restarts")
-    assert card._thread.is_alive() and "internal error" in card.reason
+    assert card._thread.is_alive() and card.reason.startswith("cannot prepare the runner's files: File exists")
     blocker.unlink()
+    wait_for(lambda: card.state == "ready", what="recovery")
+    assert result_of(card.submit(ask(tokenizer, "alive")), timeout=30).text == said("alive")
+
+
+def test_a_bug_of_ours_at_start_does_not_end_the_card_thread(make_card, tokenizer, monkeypatch):
+    card = make_card()
+    assert card.wait_ready(30) == "ready"
+    broken = {"yes": True}
+    real = card_module.prepare_workdir
+
+    def prepare_workdir(*args):
+        if broken["yes"]:
+            raise KeyError("a bug")
+        return real(*args)
+
+    monkeypatch.setattr(card_module, "prepare_workdir", prepare_workdir)
+    card.runner.child.kill(9)
+    wait_for(lambda: card.failures >= 2, what="failed restarts")
+    assert card._thread.is_alive() and card.reason == "internal error (KeyError)"
+    broken["yes"] = False
     wait_for(lambda: card.state == "ready", what="recovery")
     assert result_of(card.submit(ask(tokenizer, "alive")), timeout=30).text == said("alive")
 

@@ -2,8 +2,8 @@
 
 The card-facing side of the service is this one small interface: `start()`; `submit(spec)`, which turns a
 GenerationSpec into a Job whose events say what happens (jobs.py); the job's `cancel()`, which interrupts it;
-`state` and the figures /health and /metrics read. Another runner generation could be driven behind the same
-interface (docs/PROTOCOL.md, "Newer runner generations").
+`state` and the figures /health and /metrics read. Another runner (a newer build of the vendor's, say) could be
+driven behind the same interface: only driver.py and command.py know main_axcl.
 
 A single long-lived thread spawns the runner (so PR_SET_PDEATHSIG, which fires when the *thread* that
 forked exits, means "when this worker dies"), takes jobs one at a time, restarts the runner with capped
@@ -28,7 +28,8 @@ from app.runner import emulated_model, protocol
 from app.runner.command import (check_embedding_writable, check_installation, choose_program, prepare_workdir,
                                 runner_env)
 from app.runner.driver import Runner
-from app.runner.errors import CardBusy, CardDead, CardUnavailable, QueueFull, RunnerError, RunnerStalled
+from app.runner.errors import (CardBusy, CardDead, CardUnavailable, QueueFull, RunnerError, RunnerStalled,
+                               RunnerStartError)
 from app.runner.jobs import BACKGROUND, INTERACTIVE, Done, Failed, Job, JobQueue, Requeued, Started, Text
 from app.runner.pace import PromptPace
 from app.runner.tokenizer_service import TokenizerService
@@ -242,6 +243,10 @@ class Card:
             self.runner = Runner(command, self.service, options.workdir, env=env,
                                  startup_timeout=options.startup_timeout, stall_timeout=options.stall_timeout,
                                  on_loading=self._on_loading, abort=self._stopping.is_set)
+        except OSError as exc:  # the runner's files: its working folder, the emulator's model folder
+            self._failed(RunnerStartError(f"cannot prepare the runner's files: {exc.strerror or exc} "
+                                          f"({exc.filename})"), unavailable=True)
+            return False
         except RunnerError as exc:
             self._failed(exc, unavailable=True)
             return False
@@ -313,16 +318,17 @@ class Card:
         return job.spec.streamed and job.text_sent
 
     def _failed_under(self, job, exc):
-        """The runner failed under a job: restart it; the job runs again once if its client has seen nothing."""
-        self._drop_runner(force=isinstance(exc, RunnerStalled))
+        """The runner failed under a job: the job runs again once if its client has seen nothing, else its
+        client is told at once (before the runner is closed, which can take seconds); then the runner goes."""
         self._failed(exc, unavailable=isinstance(exc, CardDead))
         if job.retried or job.cancelled or self._client_saw_text(job) or self.state == CardState.UNAVAILABLE:
             job.put(Failed(exc))
-            return
-        job.retried = True
-        self.retries += 1
-        log.info("a generation the runner failed under will run again once the runner is back")
-        self._run_again(job)
+        else:
+            job.retried = True
+            self.retries += 1
+            log.info("a generation the runner failed under will run again once the runner is back")
+            self._run_again(job)
+        self._drop_runner(force=isinstance(exc, RunnerStalled))
 
     def _run_again(self, job):
         job.put(Requeued())

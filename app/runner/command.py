@@ -53,7 +53,6 @@ def check_installation(program, model_dir):
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise RunnerStartError(f"the model folder {model_dir} is incomplete: {missing[0]} is missing{more} "
                                "(scripts/download_models.sh fetches it)")
-    check_embedding_writable(model_dir)
 
 
 def check_embedding_writable(model_dir):
@@ -61,7 +60,10 @@ def check_embedding_writable(model_dir):
     start (docs/PROTOCOL.md, "Start-up"). Say so, and how to fix it, before spawning it."""
     table = Path(model_dir) / protocol.MODEL_SUBDIR / protocol.EMBED_FILE
     if table.is_file() and not os.access(table, os.R_OK | os.W_OK):
-        user = pwd.getpwuid(os.geteuid()).pw_name
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:  # a uid without a name (containers)
+            user = str(os.geteuid())
         raise RunnerStartError(
             f"{table} is not writable by this service's user ({user}), and main_axcl opens it read-write (it "
             f"would crash at start): make the model folder writable, e.g. `sudo chown -R {user}: {model_dir}`, or "

@@ -279,11 +279,11 @@ class Runner:
         self.window = protocol.MAX_TOKEN_LEN  # until the banner says (the model's mask size - 1)
         # One poll for the runner's terminal and the service's reports: a chunk's report always comes before
         # the runner prints it, and both are taken as soon as either arrives.
-        self._service_fd = service.fileno()
-        self._poller = select.poll()
-        self._poller.register(self.child.child_fd, select.POLLIN)
-        self._poller.register(self._service_fd, select.POLLIN)
         try:
+            self._service_fd = service.fileno()
+            self._poller = select.poll()
+            self._poller.register(self.child.child_fd, select.POLLIN)
+            self._poller.register(self._service_fd, select.POLLIN)
             self._wait_until_ready(startup_timeout, on_loading, abort)
         except BaseException:
             self.close()

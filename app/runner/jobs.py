@@ -137,13 +137,14 @@ class JobQueue:
 
     def requeue(self, job):
         """Put a job back at the head of its class: it keeps its place (unless it gave up meanwhile:
-        Job.cancel() found it in no line, so it must not go back in one)."""
+        Job.cancel() found it in no line, so it must not stay in one)."""
         with self._changed:
-            if job.cancelled:
-                return
             job._waiting_in = self
             self._lines[job.request_class].appendleft(job)
             self._changed.notify()
+        # After it is in line: a cancel() that came before saw no line to leave, one after finds this one.
+        if job.cancelled:
+            self.remove(job)
 
     def get(self, timeout):
         """The next job, or None after `timeout` seconds or once closed."""

@@ -175,7 +175,10 @@ class TokenizerService:
 
     def fileno(self):
         """The control socket: readable when the service has reported something (the driver polls it)."""
-        return self._sock.fileno()
+        sock = self._sock
+        if sock is None:
+            raise RunnerStartError("the tokenizer service ended while the runner started")
+        return sock.fileno()
 
     def pump(self):
         """Take every report the service has sent, without waiting."""
