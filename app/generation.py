@@ -1,10 +1,14 @@
 """One generation, whichever API asks for it: the request as a wire adapter parses it (API-neutral), and what
 prepare() makes of it. An endpoint costs a parser (its body into one of these requests) and a writer (the
 bytes of its answer); everything between is shared (ARCHITECTURE.md in docs/)."""
+import sys
 from dataclasses import dataclass
 
 from app.runner.jobs import GenerationSpec
 from app.window import Fit
+
+# A request's max_tokens when only the window bounds the answer (Ollama's num_predict 0, -1 or -2).
+UNTIL_THE_WINDOW = sys.maxsize
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class Metrics:
                                  "shortened to fit the window", ["endpoint"], registry=self.registry)
         self.dropped = Counter("qwen_chat_context_dropped", "Messages and tool definitions left out to fit the "
                                "window", ["part"], registry=self.registry)
-        self.tool_choices = Counter("qwen_chat_context_tool_selections", "Requests whose tool definitions did not "
+        self.tool_selections = Counter("qwen_chat_context_tool_selections", "Requests whose tool definitions did not "
                                     "all fit, so that only those the last message asks for were kept",
                                     ["endpoint"], registry=self.registry)
         self.tools_kept = Counter("qwen_chat_context_tools_kept", "Tool definitions kept when only some fit, "
@@ -81,7 +81,7 @@ class Metrics:
             self.dropped.labels("messages").inc(fit.dropped_messages)
             self.dropped.labels("tools").inc(fit.dropped_tools)
         if fit.kept_tools is not None:
-            self.tool_choices.labels(record.endpoint).inc()
+            self.tool_selections.labels(record.endpoint).inc()
             self.tools_kept.labels("as_sent").inc(len(fit.kept_tools) - fit.compacted_tools)
             self.tools_kept.labels("compacted").inc(fit.compacted_tools)
         if fit.unfit_tool:

@@ -1,6 +1,5 @@
 """Ollama's request bodies (its docs/api.md), loaded by schemas.py, made into typed requests (generation.py)."""
-from app.generation import ChatRequest, PromptRequest
-from app.runner.protocol import MAX_TOKEN_LEN
+from app.generation import UNTIL_THE_WINDOW, ChatRequest, PromptRequest
 from app.structured import JsonFormat
 
 
@@ -9,7 +8,7 @@ def max_tokens(options):
     (fill the context) -> the window decides."""
     num_predict = options.get("num_predict")
     if num_predict is not None and num_predict <= 0:
-        return MAX_TOKEN_LEN
+        return UNTIL_THE_WINDOW
     return num_predict
 
 

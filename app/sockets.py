@@ -7,7 +7,7 @@ same rows, but reading it walks every socket of the host (about 2 ms on a quiet 
 it is only the fallback for a kernel without sock_diag. A socket its process has closed has no inode (it
 lingers in FIN_WAIT or TIME_WAIT, owned by nobody): it is reported as gone.
 
-Used by the runner's tokenizer service (runner/peer.py: only the runner may call it) and by serving.py (a
+Used by the runner's tokenizer service (runner/peer.py: only the runner may call it) and by client_socket.py (a
 client that half-closed its connection is still there to read the answer).
 """
 import errno
