@@ -276,7 +276,8 @@ def test_the_interrupted_step_still_adds_its_id(tokenizer, fake_service, tmp_pat
     while len(fake.decodes) < 2:  # the second chunk of 3 is being printed...
         fake.decode_seen.wait(10)
         fake.decode_seen.clear()
-    child.expect(rb".")  # ...and the next step (300 ms) has begun
+    # ...once both chunks are on the terminal, the next step (300 ms) has begun
+    child.expect_exact("".join(fake.pieces.decode(ids) for ids in fake.decodes[:2]).encode())
     interrupt(child)
     child.expect_exact(b"token/s\n\x1b[0m\n>> ")
     child.send(b"q\n")
