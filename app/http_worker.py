@@ -25,12 +25,19 @@ Out of file descriptors, gunicorn's accept() raised and the worker died, with th
 in it. Here it sheds idle connections instead (new ones that sent nothing yet, then kept-alive ones, then ones
 lingering in their close), pauses accepting for a moment when there is nothing to shed, and goes on: what it
 holds keeps being served, /health answers once a descriptor is free, and /metrics counts what was shed.
+
+The pool threads, which parse, fit and render requests (a hostile one can cost a second of CPU), run at a
+lower priority than the rest (REQUEST_THREAD_NICE): on a busy core the tokenizer service, whose answers the
+runner must have within 1 s, and the card thread go first (docs/PROTOCOL.md, "Our answer: a service in a
+process of its own").
 """
 import collections
 import errno
 import json
+import os
 import selectors
 import socket
+import threading
 import time
 from functools import partial
 
@@ -47,6 +54,7 @@ SHED_AT_ONCE = 16            # idle connections closed when accept() finds no de
 ACCEPT_PAUSE_SECONDS = 0.1   # when none was idle: the requests being served will free some
 LINGER_SECONDS = 2.0  # as gunicorn's own graceful close
 RETRY_AFTER_SECONDS = 1
+REQUEST_THREAD_NICE = 5      # added to a pool thread's niceness (Linux: per thread), once
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 REASONS = {408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
            503: "Service Unavailable"}
@@ -239,6 +247,7 @@ class WholeRequestWorker(ThreadWorker):
 
     # -- in a thread: serve it ------------------------------------------------------------------------------
     def handle_request(self, req, conn):
+        lower_this_threads_priority()
         # gunicorn sends 100 Continue as the app starts; the event loop has sent it already, or the body was
         # here before anyone asked for it.
         req._expected_100_continue = False
@@ -319,6 +328,21 @@ class WholeRequestWorker(ThreadWorker):
         super().murder_pending()
         self.expire_arrivals()
         self.expire_closing()
+
+
+_lowered = threading.local()
+
+
+def lower_this_threads_priority():
+    """Once per pool thread. Nothing is spawned from these threads, so no child inherits it."""
+    if getattr(_lowered, "done", False):
+        return
+    _lowered.done = True
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + REQUEST_THREAD_NICE)
+    except OSError:
+        pass  # at the lowest already: nothing to give way
 
 
 def send_now(sock, data):

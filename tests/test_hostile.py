@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import socket
+from pathlib import Path
 
 import httpx
 import pytest
@@ -178,3 +179,23 @@ def test_more_messages_or_tools_than_the_limits_is_a_400_that_names_the_limit(se
     response = httpx.post(server.url + path, json={"model": MODEL, "stream": False, "messages": chat_of(1999)},
                           timeout=60)
     assert response.status_code == 200, response.text
+
+
+def niceness(task_dir):
+    """A thread's (or process's) nice value, from its /proc stat line (field 19)."""
+    return int((task_dir / "stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def test_request_threads_give_way_to_the_tokenizer_service_and_the_card(start_server):
+    # A hostile request costs its pool thread CPU; the runner's 1 s deadline depends on the tokenizer service
+    # getting the core first (app/http_worker.py), so the threads that serve requests run at a lower priority.
+    server = start_server()
+    for _ in range(3):
+        assert chat(httpx.Client(base_url=server.url), "hello").status_code == 200
+    [worker] = server.worker_pids()
+    threads = {int(task.name): niceness(task) for task in Path(f"/proc/{worker}/task").iterdir()}
+    assert threads.pop(worker) == 0  # the event loop
+    assert 5 in threads.values()  # the pool threads that served the requests
+    assert 0 in threads.values()  # the card thread (and any pool thread not used yet)
+    for pid in [*server.tokenizer_service_pids(), *server.runner_pids()]:
+        assert niceness(Path(f"/proc/{pid}")) == 0
