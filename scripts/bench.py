@@ -495,8 +495,9 @@ def hostile_load(url, stop, counts):
                                     break
                             status = response.status_code
                     else:
-                        status = http.post(url + "/v1/chat/completions", content=body,
-                                           headers={"Content-Type": "application/json"}).status_code
+                        response = http.post(url + "/v1/chat/completions", content=body,
+                                             headers={"Content-Type": "application/json"})
+                        status = error_code(response)
                 except httpx.HTTPError:
                     status = "error"
                 counts[(kind, status)] = counts.get((kind, status), 0) + 1
@@ -565,6 +566,16 @@ def runner_deadline(tmp, projects, seconds):
             hog.wait()
     os.sched_setaffinity(0, set(range(os.cpu_count())))
     return results
+
+
+def error_code(response):
+    """The status, and for an error the code its body names (which limit refused it)."""
+    if response.status_code < 400:
+        return response.status_code
+    try:
+        return f"{response.status_code} {response.json()['error']['code']}"
+    except (ValueError, KeyError, TypeError):
+        return response.status_code
 
 
 def service_metric(url, name):
