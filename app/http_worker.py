@@ -37,8 +37,8 @@ import json
 import os
 import selectors
 import socket
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from gunicorn.http.unreader import IterUnreader
@@ -54,7 +54,7 @@ SHED_AT_ONCE = 16            # idle connections closed when accept() finds no de
 ACCEPT_PAUSE_SECONDS = 0.1   # when none was idle: the requests being served will free some
 LINGER_SECONDS = 2.0  # as gunicorn's own graceful close
 RETRY_AFTER_SECONDS = 1
-REQUEST_THREAD_NICE = 5      # added to a pool thread's niceness (Linux: per thread), once
+REQUEST_THREAD_NICE = 5      # added to each pool thread's niceness (Linux: per thread) as it starts
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 REASONS = {408: "Request Timeout", 413: "Content Too Large", 431: "Request Header Fields Too Large",
            503: "Service Unavailable"}
@@ -100,6 +100,9 @@ class WholeRequestWorker(ThreadWorker):
         self.max_partial_requests = server["max_partial_requests"]
         self.max_body = server["max_body_bytes"]
         self.wsgi.extensions["qwen_metrics"].registry.register(ConnectionMetrics(self))
+
+    def get_thread_pool(self):
+        return ThreadPoolExecutor(max_workers=self.cfg.threads, initializer=lower_this_threads_priority)
 
     # -- out of descriptors ---------------------------------------------------------------------------------
     def accept(self, listener):
@@ -247,7 +250,6 @@ class WholeRequestWorker(ThreadWorker):
 
     # -- in a thread: serve it ------------------------------------------------------------------------------
     def handle_request(self, req, conn):
-        lower_this_threads_priority()
         # gunicorn sends 100 Continue as the app starts; the event loop has sent it already, or the body was
         # here before anyone asked for it.
         req._expected_100_continue = False
@@ -330,19 +332,13 @@ class WholeRequestWorker(ThreadWorker):
         self.expire_closing()
 
 
-_lowered = threading.local()
-
-
 def lower_this_threads_priority():
-    """Once per pool thread. Nothing is spawned from these threads, so no child inherits it."""
-    if getattr(_lowered, "done", False):
-        return
-    _lowered.done = True
-    thread = threading.get_native_id()
+    """A pool thread's start (the pool's initializer). Nothing is spawned from these threads, so no child
+    inherits it. On Linux, PRIO_PROCESS with 0 names the calling thread, not the whole process."""
     try:
-        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + REQUEST_THREAD_NICE)
+        os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + REQUEST_THREAD_NICE)
     except OSError:
-        pass  # at the lowest already: nothing to give way
+        pass  # an initializer that raises breaks the whole pool: serving at the same priority is better
 
 
 def send_now(sock, data):
