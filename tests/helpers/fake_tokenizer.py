@@ -15,9 +15,9 @@ class FakeTokenizerService:
 
     def __init__(self, tokenizer_dir, decode_delay=None, decode_status=None, refuse_after_decode=None):
         self.pieces = Pieces(tokenizer_dir)
-        # Load the BPE model now: Pieces loads it at the first encode, which takes some 0.5 s here and more on a
-        # busy machine, and the emulator, like the vendor's loop, dies when an answer is later than 1 s.
-        self.pieces.encode("")
+        # Now, not at the first /encode: loading takes some 0.5 s here and more on a busy machine, and the
+        # emulator, like the vendor's loop, dies when an answer is later than 1 s.
+        self.pieces.load_encoder()
         self.decode_delay = decode_delay or {}
         self.decode_status = decode_status or {}
         self.refuse_after_decode = refuse_after_decode
