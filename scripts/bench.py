@@ -470,7 +470,7 @@ def hostile_load(url, stop, counts):
     statuses they got."""
     tool = {"type": "function", "function": {"name": "f", "description": "d " * 50,
                                              "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
-    big = json.dumps({"model": "qwen2.5", "messages": [{"role": "user", "content": "word " * 200_000}]}).encode()
+    big = json.dumps({"model": "qwen2.5", "messages": [{"role": "user", "content": "word " * 200_000}]})  # 1 MB
 
     def chat(count):  # `count` messages, the last one the user's
         return json.dumps({"model": "qwen2.5", "messages": [
@@ -480,7 +480,7 @@ def hostile_load(url, stop, counts):
         return json.dumps({"model": "qwen2.5", "messages": [{"role": "user", "content": "hi"}],
                            "tools": [tool] * count})
 
-    bodies = {"1 MB body": big[:1 << 20] if len(big) > 1 << 20 else big,
+    bodies = {"1 MB body": big,
               "10,000 messages": chat(10_000), "3,000 tools": tools(3000),
               "2,000 messages": chat(2000), "512 tools": tools(512)}
 
